@@ -1,0 +1,33 @@
+# Every target creates the virtual environment it needs when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed first and pinned so pip takes the local CPU build instead of CUDA wheels.
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv demo test test-all bench arena clean
+
+$(BIN)/hybridattn: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/hybridattn
+
+demo: venv
+	$(BIN)/hybridattn --help
+	$(BIN)/hybridattn demo
+
+# The fast subset (what CI runs); `make test-all` includes the cases marked slow.
+test: venv
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+test-all: venv
+	$(BIN)/python -m pytest -q -n 2
+
+bench: venv
+	$(BIN)/python -m hybridattn.bench.run_all
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,282 @@
+"""Mask specs: which (query, key) pairs may interact, described once and used by every backend.
+
+A spec is lazy: nothing of size ``Tq x Tk`` is built unless a backend asks for it. Each spec can
+
+(a) ``dense(q_len, kv_len)``: materialise a boolean mask ``[B|1, H|1, Tq, Tk]`` (True = attend) for the
+    naive reference and SDPA;
+(b) ``kept_pairs(q_len, kv_len)``: count the pairs it keeps (per batch row and head, summed);
+(c) ``block_layout(q_len, kv_len, block_q, block_k)``: an ``int8`` tensor ``[B|1, H|1, nQ, nK]`` with
+    ``EMPTY`` (skip the block), ``PARTIAL`` (apply the mask) or ``FULL`` (no mask needed), for kernels that skip
+    work; computed one query block at a time, so memory stays ``O(block_q * Tk)``;
+(d) ``mask_mod(q_len, kv_len)``: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` built from
+    tensor operations only.
+
+Specs combine with ``&`` and ``|``. Causal masks with ``Tq != Tk`` are aligned bottom-right, as flash-attn does:
+query ``i`` sees keys ``j <= i + Tk - Tq``.
+
+Shape legend: B batch, H heads, Tq query length, Tk key length.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from hybridattn.ops._checks import check_cu_seqlens, check_positive_int, check_tensor
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MaskSpec:
+    """Base class. Subclasses implement ``mask_mod`` and may override the others with closed forms."""
+
+    #: batch size the spec depends on (e.g. padding lengths), or None when it is the same for every row
+    batch_size: int | None = None
+    #: head count the spec depends on, or None when it is the same for every head
+    num_heads: int | None = None
+
+    def mask_mod(self, q_len: int, kv_len: int) -> MaskMod:
+        raise NotImplementedError
+
+    # -- derived forms -------------------------------------------------------------------------------------
+    def _index_grid(self, q_idx: torch.Tensor, kv_idx: torch.Tensor, device):
+        b = torch.arange(self.batch_size or 1, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(self.num_heads or 1, device=device).view(1, -1, 1, 1)
+        return b, h, q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1)
+
+    def dense_rows(self, q_len: int, kv_len: int, q_start: int, q_end: int, *, device=None) -> torch.Tensor:
+        """Rows ``q_start:q_end`` of the dense mask, ``[B|1, H|1, q_end - q_start, Tk]``."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        q_idx = torch.arange(q_start, q_end, device=device)
+        kv_idx = torch.arange(kv_len, device=device)
+        b, h, qi, ki = self._index_grid(q_idx, kv_idx, device)
+        out = self.mask_mod(q_len, kv_len)(b, h, qi, ki)
+        shape = (self.batch_size or 1, self.num_heads or 1, q_end - q_start, kv_len)
+        return out.to(torch.bool).expand(shape)
+
+    def dense(self, q_len: int, kv_len: int, *, device=None) -> torch.Tensor:
+        """The whole boolean mask, ``[B|1, H|1, Tq, Tk]`` (True = attend)."""
+        return self.dense_rows(q_len, kv_len, 0, q_len, device=device)
+
+    def kept_pairs(self, q_len: int, kv_len: int, *, block: int = 256) -> int:
+        """Number of kept pairs, summed over the batch rows and heads the spec depends on."""
+        total = 0
+        for start in range(0, q_len, block):
+            total += int(self.dense_rows(q_len, kv_len, start, min(q_len, start + block)).sum())
+        return total
+
+    def block_layout(self, q_len: int, kv_len: int, block_q: int, block_k: int, *, device=None) -> torch.Tensor:
+        """``int8 [B|1, H|1, ceil(Tq/block_q), ceil(Tk/block_k)]`` of EMPTY / PARTIAL / FULL."""
+        n_kb = -(-kv_len // block_k)
+        pad_k = n_kb * block_k - kv_len
+        rows = []
+        for start in range(0, q_len, block_q):
+            m = self.dense_rows(q_len, kv_len, start, min(q_len, start + block_q), device=device)
+            if pad_k:
+                # padding keys count as "masked" for EMPTY but must not make a block PARTIAL on their own
+                m = torch.nn.functional.pad(m, (0, pad_k), value=False)
+                valid = torch.zeros(n_kb * block_k, dtype=torch.bool, device=m.device)
+                valid[:kv_len] = True
+            else:
+                valid = None
+            m = m.unflatten(-1, (n_kb, block_k))  # [B, H, bq, nK, block_k]
+            anyk = m.any(dim=-1).any(dim=-2)
+            if valid is None:
+                allk = m.all(dim=-1).all(dim=-2)
+            else:
+                allk = (m | ~valid.view(n_kb, block_k)).all(dim=-1).all(dim=-2)
+            rows.append(torch.where(allk, FULL, torch.where(anyk, PARTIAL, EMPTY)).to(torch.int8))
+        return torch.stack(rows, dim=-2)
+
+    # -- combinators ---------------------------------------------------------------------------------------
+    def __and__(self, other: "MaskSpec") -> "MaskSpec":
+        return _Combined(self, as_mask_spec(other, "other"), "and")
+
+    def __or__(self, other: "MaskSpec") -> "MaskSpec":
+        return _Combined(self, as_mask_spec(other, "other"), "or")
+
+    def __rand__(self, other):
+        return as_mask_spec(other, "other") & self
+
+    def __ror__(self, other):
+        return as_mask_spec(other, "other") | self
+
+
+def _merge_dim(name: str, a: int | None, b: int | None) -> int | None:
+    if a is None or b is None or a == b:
+        return a if b is None else b
+    raise ValueError(f"mask: cannot combine specs with {name} {a} and {b}")
+
+
+class _Combined(MaskSpec):
+    def __init__(self, left: MaskSpec, right: MaskSpec, op: str):
+        self.left, self.right, self.op = left, right, op
+        self.batch_size = _merge_dim("batch size", left.batch_size, right.batch_size)
+        self.num_heads = _merge_dim("head count", left.num_heads, right.num_heads)
+
+    def mask_mod(self, q_len, kv_len):
+        f, g = self.left.mask_mod(q_len, kv_len), self.right.mask_mod(q_len, kv_len)
+        if self.op == "and":
+            return lambda b, h, q, k: f(b, h, q, k) & g(b, h, q, k)
+        return lambda b, h, q, k: f(b, h, q, k) | g(b, h, q, k)
+
+    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+        a = self.left.block_layout(q_len, kv_len, block_q, block_k, device=device)
+        c = self.right.block_layout(q_len, kv_len, block_q, block_k, device=device)
+        # AND: empty if either is empty, full only if both are full; OR: the dual. PARTIAL is conservative.
+        return torch.minimum(a, c) if self.op == "and" else torch.maximum(a, c)
+
+    def __repr__(self):
+        return f"({self.left!r} {'&' if self.op == 'and' else '|'} {self.right!r})"
+
+
+class TensorMask(MaskSpec):
+    """A user's boolean tensor broadcastable to ``[B, H, Tq, Tk]`` wrapped as a spec."""
+
+    def __init__(self, mask: torch.Tensor):
+        check_tensor("mask", mask, floating=False)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a torch.bool tensor (True = attend), received {mask.dtype}")
+        if mask.dim() != 4:
+            raise ValueError(
+                f"mask: expected 4 dimensions broadcastable to [B, H, Tq, Tk], received shape {tuple(mask.shape)}"
+            )
+        self.mask = mask
+        self.batch_size = mask.shape[0] if mask.shape[0] != 1 else None
+        self.num_heads = mask.shape[1] if mask.shape[1] != 1 else None
+
+    def _check_lengths(self, q_len, kv_len):
+        tq, tk = self.mask.shape[-2:]
+        if tq not in (1, q_len) or tk not in (1, kv_len):
+            raise ValueError(
+                f"mask: expected the last two dimensions broadcastable to (Tq={q_len}, Tk={kv_len}), "
+                f"received {tuple(self.mask.shape)}"
+            )
+
+    def mask_mod(self, q_len, kv_len):
+        self._check_lengths(q_len, kv_len)
+        m = self.mask.expand(self.mask.shape[0], self.mask.shape[1], q_len, kv_len)
+        nb, nh = m.shape[:2]
+        return lambda b, h, q, k: m[b % nb, h % nh, q, k]
+
+    def dense_rows(self, q_len, kv_len, q_start, q_end, *, device=None):
+        self._check_lengths(q_len, kv_len)
+        m = self.mask.expand(self.mask.shape[0], self.mask.shape[1], q_len, kv_len)[:, :, q_start:q_end]
+        return m if device is None else m.to(device)
+
+    def __repr__(self):
+        return f"TensorMask(shape={tuple(self.mask.shape)})"
+
+
+class Causal(MaskSpec):
+    """Query ``i`` sees keys ``j <= i + Tk - Tq`` (bottom-right aligned)."""
+
+    def mask_mod(self, q_len, kv_len):
+        offset = kv_len - q_len
+        return lambda b, h, q, k: (q + offset) >= k
+
+    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+        offset = kv_len - q_len
+        return sum(max(0, min(kv_len, i + offset + 1)) for i in range(q_len))
+
+    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+        offset = kv_len - q_len
+        q0 = torch.arange(0, q_len, block_q, device=device)
+        q1 = torch.clamp(q0 + block_q, max=q_len) - 1
+        k0 = torch.arange(0, kv_len, block_k, device=device)
+        k1 = torch.clamp(k0 + block_k, max=kv_len) - 1
+        full = (q0[:, None] + offset) >= k1[None, :]
+        anyk = (q1[:, None] + offset) >= k0[None, :]
+        out = torch.where(full, FULL, torch.where(anyk, PARTIAL, EMPTY)).to(torch.int8)
+        return out.view(1, 1, *out.shape)
+
+    def __repr__(self):
+        return "causal"
+
+
+class Padding(MaskSpec):
+    """Keys at positions ``>= lengths[b]`` are padding; ``lengths`` is ``[B]``."""
+
+    def __init__(self, lengths):
+        if not isinstance(lengths, torch.Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1 or lengths.is_floating_point():
+            raise ValueError(f"lengths: expected an integer tensor [B], received {lengths.dtype} {tuple(lengths.shape)}")
+        self.lengths = lengths
+        self.batch_size = lengths.shape[0]
+
+    def mask_mod(self, q_len, kv_len):
+        if int(self.lengths.max()) > kv_len or int(self.lengths.min()) < 0:
+            raise ValueError(f"lengths: expected values in [0, Tk={kv_len}], received {self.lengths.tolist()}")
+        lengths = self.lengths
+        return lambda b, h, q, k: k < lengths.to(k.device)[b]
+
+    def __repr__(self):
+        return f"padding({self.lengths.tolist()})"
+
+
+class Document(MaskSpec):
+    """Packed sequences (``cu_seqlens`` as in flash-attn): tokens attend only within their own document.
+    Requires ``Tq == Tk == cu_seqlens[-1]``."""
+
+    def __init__(self, cu_seqlens):
+        if not isinstance(cu_seqlens, torch.Tensor):
+            cu_seqlens = torch.as_tensor(cu_seqlens)
+        check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), batch=1)
+        self.cu_seqlens = cu_seqlens.to(torch.long)
+        total = int(cu_seqlens[-1])
+        self.doc_ids = torch.searchsorted(self.cu_seqlens[1:], torch.arange(total), right=True)
+
+    def mask_mod(self, q_len, kv_len):
+        total = int(self.cu_seqlens[-1])
+        if q_len != total or kv_len != total:
+            raise ValueError(
+                f"cu_seqlens: expected Tq == Tk == cu_seqlens[-1] = {total}, received Tq={q_len}, Tk={kv_len}"
+            )
+        ids = self.doc_ids
+        return lambda b, h, q, k: ids.to(q.device)[q] == ids.to(k.device)[k]
+
+    def __repr__(self):
+        return f"document({self.cu_seqlens.tolist()})"
+
+
+class PrefixLM(MaskSpec):
+    """The first ``n`` tokens attend bidirectionally among themselves; the rest are causal."""
+
+    def __init__(self, n: int):
+        self.n = check_positive_int("n", n, allow_zero=True)
+
+    def mask_mod(self, q_len, kv_len):
+        offset, n = kv_len - q_len, self.n
+        return lambda b, h, q, k: (k < n) | ((q + offset) >= k)
+
+    def __repr__(self):
+        return f"prefix_lm({self.n})"
+
+
+def causal() -> MaskSpec:
+    return Causal()
+
+
+def padding(lengths) -> MaskSpec:
+    return Padding(lengths)
+
+
+def document(cu_seqlens) -> MaskSpec:
+    return Document(cu_seqlens)
+
+
+def prefix_lm(n: int) -> MaskSpec:
+    return PrefixLM(n)
+
+
+def as_mask_spec(mask, name: str = "mask") -> MaskSpec:
+    """Accept a spec or a boolean tensor; anything else is a TypeError naming ``name``."""
+    if isinstance(mask, MaskSpec):
+        return mask
+    if isinstance(mask, torch.Tensor):
+        return TensorMask(mask)
+    raise TypeError(f"{name}: expected a MaskSpec from hybridattn.ops.masks or a bool tensor, received {type(mask).__name__}")
