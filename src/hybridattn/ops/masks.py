@@ -280,3 +280,8 @@ def as_mask_spec(mask, name: str = "mask") -> MaskSpec:
     if isinstance(mask, torch.Tensor):
         return TensorMask(mask)
     raise TypeError(f"{name}: expected a MaskSpec from hybridattn.ops.masks or a bool tensor, received {type(mask).__name__}")
+
+# Sparse specs live beside this file; re-exported so that `masks.sliding_window(...)` works.
+from hybridattn.ops.sparse_masks import (  # noqa: E402,F401
+    bigbird, block_sparse, dilated, fixed, global_tokens, longformer, sliding_window, strided,
+)
