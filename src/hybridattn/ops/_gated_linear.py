@@ -238,3 +238,18 @@ def run(q, k, v, g, *, scale, initial_state, output_final_state, mode, chunk_siz
         o = o[valid].unsqueeze(0)
     s = s if output_final_state else None
     return (o, s, attention) if return_attention else (o, s)
+
+
+def gated_op(q, k, v, g, *, gate_name: str, per_channel: bool, intra_chunk: IntraChunk, pair_weights: PairWeights,
+             scale, initial_state, output_final_state, mode, chunk_size, cu_seqlens, return_attention):
+    """Validate and run a gated op (``gla``: ``g [B, T, Hv, Dk]``; ``simple_gla``: ``g [B, T, Hv]``); ``o`` comes
+    back in q's dtype."""
+    b, t, hk, dk, hv, dv, n = validate(q, k, v, scale=scale, initial_state=initial_state, mode=mode,
+                                       chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                                       return_attention=return_attention)
+    check_log_decay(gate_name, g, q, (b, t, hv, dk) if per_channel else (b, t, hv))
+    out = run(q, k, v, g if per_channel else g.unsqueeze(-1), scale=dk ** -0.5 if scale is None else scale,
+              initial_state=initial_state, output_final_state=output_final_state, mode=mode, chunk_size=chunk_size,
+              cu_seqlens=cu_seqlens, intra_chunk=intra_chunk, pair_weights=pair_weights,
+              return_attention=return_attention)
+    return (out[0].to(q.dtype), *out[1:])

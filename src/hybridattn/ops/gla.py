@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridattn.ops._gated_linear import check_log_decay, run, validate
+from hybridattn.ops._gated_linear import gated_op
 
 # Largest decay across one sub-chunk for which exp(+span) (keys) and exp(-span) (queries) stay accurate:
 # exp(+-30) is far from float32's range (1e+-38); float64 has room for far more.
@@ -105,28 +105,17 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
         q, k: ``[B, T, Hk, Dk]``.
         v: ``[B, T, Hv, Dv]`` with ``Hv % Hk == 0``.
         gk: ``[B, T, Hv, Dk]`` log-decays ``<= 0`` per key channel (``-inf`` allowed).
-        scale: multiplies q; default ``Dk ** -0.5``.
-        initial_state: ``[B|N, Hv, Dk, Dv]`` or None (zeros).
-        output_final_state: return the state after the last token (else None).
-        mode: ``"chunk"`` (training, prefill), ``"recurrent"`` (decoding), ``"parallel"`` (the T x T form).
-        chunk_size: tokens per chunk in chunk mode.
-        cu_seqlens: int ``[N + 1]`` offsets of packed sequences (B must be 1), one state per sequence.
-        return_attention: parallel mode only: also return ``A [B, Hv, T, T]``.
+        scale, initial_state, output_final_state, mode, chunk_size, cu_seqlens, return_attention: as
+            :func:`~hybridattn.ops.simple_gla.simple_gla` (state ``[B|N, Hv, Dk, Dv]``).
 
     Returns:
         ``(o [B, T, Hv, Dv] in q's dtype, final_state [B|N, Hv, Dk, Dv] or None)``; with
-        ``return_attention=True`` a third entry ``A``. States are kept in at least float32.
+        ``return_attention=True`` a third entry ``A [B, Hv, T, T]``. States are kept in at least float32.
 
     Raises:
-        TypeError, ValueError: a tensor of the wrong type, rank, shape, dtype or device; a gate ``> 0`` or NaN;
-            an unknown mode; cu_seqlens with ``B != 1``; return_attention outside parallel mode.
+        TypeError, ValueError: as :func:`~hybridattn.ops.simple_gla.simple_gla` (for ``gk`` instead of ``g``).
     """
-    b, t, hk, dk, hv, dv, n = validate(q, k, v, scale=scale, initial_state=initial_state, mode=mode,
-                                       chunk_size=chunk_size, cu_seqlens=cu_seqlens,
-                                       return_attention=return_attention)
-    check_log_decay("gk", gk, q, (b, t, hv, dk))
-    out = run(q, k, v, gk, scale=dk ** -0.5 if scale is None else scale, initial_state=initial_state,
-              output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
-              intra_chunk=per_channel_intra_chunk, pair_weights=per_channel_pair_weights,
-              return_attention=return_attention)
-    return (out[0].to(q.dtype), *out[1:])
+    return gated_op(q, k, v, gk, gate_name="gk", per_channel=True, intra_chunk=per_channel_intra_chunk,
+                    pair_weights=per_channel_pair_weights, scale=scale, initial_state=initial_state,
+                    output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                    return_attention=return_attention)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from hybridattn.ops._checks import check_bthd
-from hybridattn.ops._gated_linear import check_log_decay, compute_dtype, run, validate
+from hybridattn.ops._gated_linear import compute_dtype, gated_op
 
 
 def causal_decay(G: torch.Tensor | None, t: int, *, dtype, device) -> torch.Tensor:
@@ -74,15 +74,10 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
         TypeError, ValueError: a tensor of the wrong type, rank, shape, dtype or device; a gate ``> 0`` or NaN;
             an unknown mode; cu_seqlens with ``B != 1``; return_attention outside parallel mode.
     """
-    b, t, hk, dk, hv, dv, n = validate(q, k, v, scale=scale, initial_state=initial_state, mode=mode,
-                                       chunk_size=chunk_size, cu_seqlens=cu_seqlens,
-                                       return_attention=return_attention)
-    check_log_decay("g", g, q, (b, t, hv))
-    out = run(q, k, v, g.unsqueeze(-1), scale=dk ** -0.5 if scale is None else scale, initial_state=initial_state,
-              output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
-              intra_chunk=scalar_decay_weights, pair_weights=scalar_decay_weights,
-              return_attention=return_attention)
-    return (out[0].to(q.dtype), *out[1:])
+    return gated_op(q, k, v, g, gate_name="g", per_channel=False, intra_chunk=scalar_decay_weights,
+                    pair_weights=scalar_decay_weights, scale=scale, initial_state=initial_state,
+                    output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                    return_attention=return_attention)
 
 
 def retention_log_decays(num_heads: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
