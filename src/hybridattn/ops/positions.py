@@ -24,7 +24,8 @@ from hybridattn.ops._checks import check_bthd, check_positive_int, check_tensor
 from hybridattn.ops.scores import ScoreBias
 
 
-def _check_integer_positions(positions) -> None:
+def check_integer_positions(positions) -> None:
+    """TypeError unless ``positions`` is a tensor of an integer dtype."""
     check_tensor("positions", positions, floating=False)
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions: expected an integer dtype, received {positions.dtype}")
@@ -32,7 +33,7 @@ def _check_integer_positions(positions) -> None:
 
 def _check_positions(positions, batch: int, seq_len: int) -> torch.Tensor:
     """Integer positions ``[T]`` or ``[B, T]``, returned as ``[1|B, T]``."""
-    _check_integer_positions(positions)
+    check_integer_positions(positions)
     if positions.dim() == 1:
         positions = positions.unsqueeze(0)
     if positions.dim() != 2 or positions.shape[0] not in (1, batch) or positions.shape[1] != seq_len:
@@ -64,7 +65,7 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int, *, base: float = 100
         TypeError: ``positions`` is not an integer tensor.
         ValueError: ``dim`` is not a positive even int.
     """
-    _check_integer_positions(positions)
+    check_integer_positions(positions)
     check_positive_int("dim", dim)
     if dim % 2:
         raise ValueError(f"dim: expected an even embedding width, received {dim}")

@@ -1,0 +1,254 @@
+"""The one cache protocol shared by every sequence mixer (see docs/dev/CONTRACTS.md).
+
+A mixer's ``new_cache(batch_size)`` returns a :class:`Cache`; ``forward(x, cache=cache)`` mutates it in place so
+the next call continues where this one stopped. Calls may carry a ``token_mask`` (True = real token, False = left
+padding): padding is stored (so every row of the batch advances by the same number of slots) but marked invalid,
+and it does not advance the row's count of real tokens, which gives RoPE its positions.
+
+- :class:`Cache`: base, ``seen_tokens`` (tokens consumed incl. padding) and ``nbytes()``.
+- :class:`KVCache`: keys/values that grow by appended tokens. Storage is preallocated and doubles when full, so
+  appending ``N`` tokens one at a time costs ``O(N)`` copies in total, not ``O(N^2)`` as ``torch.cat`` per step.
+- :class:`SlidingWindowKVCache`: a ring buffer of the last ``W`` keys/values, for sliding-window attention; memory
+  stays ``O(W)`` however long the sequence.
+
+Caches are for inference: they copy keys/values into preallocated storage in place, so run them under
+``torch.no_grad()`` (training calls pass ``cache=None``).
+
+Shape legend: B batch, T tokens in this call, H key/value heads, D head dim, L cached slots, W window.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybridattn.ops._checks import check_bthd, check_positive_int, check_shape, check_tensor
+
+
+class Cache:
+    """What a mixer remembers between calls. Subclasses list their tensors in ``tensors()``."""
+
+    def __init__(self):
+        #: tokens consumed so far, padding included (the same for every row of the batch)
+        self.seen_tokens = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this cache holds (allocated capacity, not only the used part)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def check_token_mask(token_mask, batch: int, seq_len: int, device) -> torch.Tensor | None:
+    """Validate a ``[B, T]`` bool token mask (True = real token); None passes through."""
+    if token_mask is None:
+        return None
+    check_tensor("token_mask", token_mask, floating=False)
+    if token_mask.dtype != torch.bool:
+        raise TypeError(f"token_mask: expected torch.bool (True = real token), received {token_mask.dtype}")
+    check_shape("token_mask", token_mask, (batch, seq_len))
+    if token_mask.device != device:
+        raise ValueError(f"token_mask: expected device {device} (the device of x), received {token_mask.device}")
+    return token_mask
+
+
+def token_positions(token_mask: torch.Tensor | None, seq_len: int, *, start: torch.Tensor | None = None, device=None):
+    """Positions of this call's tokens counting real tokens only: ``[B, T]`` long (``[T]`` when neither a mask nor
+    per-row ``start`` is given).
+
+    Args:
+        token_mask: ``[B, T]`` bool or None (all real).
+        seq_len: T.
+        start: ``[B]`` real tokens already seen per row (from a cache), or None for 0.
+        device: device of the result when neither tensor is given.
+
+    Padding tokens get the position of the next real token (clamped at ``start``); their value never matters
+    because they are masked out as keys and their outputs are zeroed.
+    """
+    if token_mask is None:
+        device = start.device if start is not None else device
+        pos = torch.arange(seq_len, device=device)
+        return pos if start is None else start.unsqueeze(1) + pos
+    pos = token_mask.long().cumsum(1) - 1
+    pos = pos.clamp(min=0)
+    return pos if start is None else start.unsqueeze(1) + pos
+
+
+class _KVBase(Cache):
+    """Shared bookkeeping of the key/value caches: shapes, per-row real-token counts, validity of slots."""
+
+    def __init__(self, batch_size: int, num_heads: int, head_dim: int, *, device=None, dtype=torch.float32):
+        super().__init__()
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        self.dtype = dtype
+        #: ``[B]`` real (non-padding) tokens seen per row: the RoPE position of the row's next token
+        self.real_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # True once any padding has been stored, so callers can skip the key mask (and keep SDPA's fast path)
+        self._has_padding = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.real_tokens.device
+
+    def positions(self, seq_len: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` RoPE positions of the next call's tokens, continuing each row's count of real tokens."""
+        return token_positions(token_mask, seq_len, start=self.real_tokens)
+
+    def _check_update(self, k, v, token_mask):
+        b, t, h, d = check_bthd("k", k)
+        if (b, h, d) != (self.batch_size, self.num_heads, self.head_dim):
+            raise ValueError(
+                f"k: expected [B={self.batch_size}, T, H={self.num_heads}, D={self.head_dim}] to match the cache, "
+                f"received {tuple(k.shape)}"
+            )
+        check_shape("v", v, k.shape)
+        for name, x in (("k", k), ("v", v)):
+            if x.device != self.device:
+                raise ValueError(f"{name}: expected device {self.device} (the cache's device), received {x.device}")
+        token_mask = check_token_mask(token_mask, b, t, self.device)
+        if token_mask is not None:
+            self._has_padding = self._has_padding or not bool(token_mask.all())
+            self.real_tokens += token_mask.sum(1)
+        else:
+            self.real_tokens += t
+        self.seen_tokens += t
+        return t, token_mask
+
+
+class KVCache(_KVBase):
+    """Keys and values of every token seen so far, in time order.
+
+    Args:
+        batch_size, num_heads, head_dim: B, H (key/value heads), D.
+        device, dtype: of the stored keys/values.
+        capacity: initial number of slots; doubles whenever an append does not fit.
+
+    ``update(k, v, token_mask)`` appends ``[B, T, H, D]`` keys/values and returns ``(k_all, v_all, key_valid)``:
+    ``[B, L, H, D]`` views of every cached slot (the new ones last) and ``[B, L]`` bool validity, or None when no
+    slot is padding.
+    """
+
+    def __init__(self, batch_size, num_heads, head_dim, *, device=None, dtype=torch.float32, capacity: int = 64):
+        super().__init__(batch_size, num_heads, head_dim, device=device, dtype=dtype)
+        capacity = check_positive_int("capacity", capacity)
+        self.k = torch.zeros(batch_size, capacity, num_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        #: slots in use
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def tensors(self):
+        return [self.k, self.v, self.valid, self.real_tokens]
+
+    def _grow(self, needed: int) -> None:
+        cap = max(needed, 2 * self.capacity)
+        for name in ("k", "v", "valid"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], cap, *old.shape[2:]))
+            new[:, : self.length] = old[:, : self.length]
+            setattr(self, name, new)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None):
+        t, token_mask = self._check_update(k, v, token_mask)
+        start, end = self.length, self.length + t
+        if end > self.capacity:
+            self._grow(end)
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        self.valid[:, start:end] = True if token_mask is None else token_mask
+        self.length = end
+        return self.contents()
+
+    def contents(self):
+        """``(k, v, key_valid)`` of every cached slot: ``[B, L, H, D]`` views and ``[B, L]`` bool or None."""
+        key_valid = self.valid[:, : self.length] if self._has_padding else None
+        return self.k[:, : self.length], self.v[:, : self.length], key_valid
+
+    def clear(self) -> None:
+        """Forget every token (storage is kept)."""
+        self.length = self.seen_tokens = 0
+        self.real_tokens.zero_()
+        self.valid.zero_()
+        self._has_padding = False
+
+
+class SlidingWindowKVCache(_KVBase):
+    """Ring buffer of the last ``window`` keys/values, for attention where a query sees at most ``window`` keys
+    (itself included).
+
+    ``update(k, v, token_mask)`` returns ``(k_all, v_all, key_valid)`` covering the buffered slots in time order
+    followed by the ``T`` new ones (``[B, min(seen, W) + T, H, D]``), then keeps only the last ``W`` slots. The
+    caller applies the window mask to that key range; with it the result equals full attention over the whole
+    sequence with a sliding-window mask, while storage stays ``W`` slots.
+    """
+
+    def __init__(self, batch_size, num_heads, head_dim, window: int, *, device=None, dtype=torch.float32):
+        super().__init__(batch_size, num_heads, head_dim, device=device, dtype=dtype)
+        self.window = check_positive_int("window", window)
+        self.k = torch.zeros(batch_size, window, num_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
+
+    def tensors(self):
+        return [self.k, self.v, self.valid, self.real_tokens]
+
+    @property
+    def filled(self) -> int:
+        return min(self.seen_tokens, self.window)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None):
+        w, seen, filled = self.window, self.seen_tokens, self.filled
+        t, token_mask = self._check_update(k, v, token_mask)
+        # slot of token s is s % W, so the oldest buffered token sits at (seen - filled) % W
+        order = (seen - filled + torch.arange(filled, device=self.device)) % w
+        new_valid = torch.ones_like(k[..., 0, 0], dtype=torch.bool) if token_mask is None else token_mask
+        k_all = torch.cat((self.k.index_select(1, order), k), dim=1)
+        v_all = torch.cat((self.v.index_select(1, order), v), dim=1)
+        valid_all = torch.cat((self.valid.index_select(1, order), new_valid), dim=1)
+        keep = min(t, w)
+        slots = (seen + t - keep + torch.arange(keep, device=self.device)) % w
+        self.k[:, slots] = k[:, t - keep :]
+        self.v[:, slots] = v[:, t - keep :]
+        self.valid[:, slots] = new_valid[:, t - keep :]
+        return k_all, v_all, valid_all if self._has_padding else None
+
+
+class RecurrentCache(Cache):
+    """What a linear mixer carries between calls: its recurrent state and the tail of its short convolution.
+
+    Args:
+        state: ``[B, H, Dk, Dv]`` recurrent state (float32 for every model dtype below float64, as fla keeps it).
+        conv_tail: ``[B, K - 1, C]`` last ``K - 1`` real conv inputs, or None for a mixer without a short conv.
+
+    Unlike a KV cache its size does not depend on the number of tokens consumed. ``advance(state, T, mask)``
+    stores the state an op returned after a call of ``T`` tokens.
+    """
+
+    def __init__(self, state: torch.Tensor, conv_tail: torch.Tensor | None = None):
+        super().__init__()
+        check_tensor("state", state, ndim=4)
+        if conv_tail is not None:
+            check_tensor("conv_tail", conv_tail, ndim=3)
+            if conv_tail.shape[0] != state.shape[0]:
+                raise ValueError(f"conv_tail: expected batch size {state.shape[0]} (the batch of state), "
+                                 f"received shape {tuple(conv_tail.shape)}")
+        self.state = state
+        self.conv_tail = conv_tail
+        #: ``[B]`` real (non-padding) tokens seen per row
+        self.real_tokens = torch.zeros(state.shape[0], dtype=torch.long, device=state.device)
+
+    def tensors(self):
+        return [t for t in (self.state, self.conv_tail, self.real_tokens) if t is not None]
+
+    def advance(self, state: torch.Tensor, seq_len: int, token_mask: torch.Tensor | None = None) -> None:
+        """Store the state after a call of ``seq_len`` tokens (copied in place, in the cache's dtype)."""
+        check_shape("state", state, self.state.shape)
+        self.state.copy_(state)
+        self.seen_tokens += seq_len
+        self.real_tokens += seq_len if token_mask is None else token_mask.sum(1)
