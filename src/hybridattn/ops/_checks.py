@@ -63,6 +63,22 @@ def check_heads_divisible(name: str, heads: int, ref_name: str, ref_heads: int) 
         )
 
 
+def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int, int]:
+    """Check attention inputs ``q [B, Tq, Hq, D]``, ``k [B, Tk, Hkv, D]``, ``v [B, Tk, Hkv, Dv]`` (same dtype and
+    device, ``Hq % Hkv == 0``) and return ``(B, Tq, Hq, D, Tk, Hkv, Dv)``."""
+    b, tq, hq, d = check_bthd("q", q)
+    bk, tk, hkv, dk = check_bthd("k", k)
+    bv, tv, hv, dv = check_bthd("v", v)
+    check_same("k", "q", k, q)
+    check_same("v", "q", v, q)
+    if (bk, dk) != (b, d):
+        raise ValueError(f"k: expected [B={b}, Tk, Hkv, D={d}] to match q, received shape {tuple(k.shape)}")
+    if (bv, tv, hv) != (b, tk, hkv):
+        raise ValueError(f"v: expected [B={b}, Tk={tk}, Hkv={hkv}, Dv] to match k, received shape {tuple(v.shape)}")
+    check_heads_divisible("q", hq, "k", hkv)
+    return b, tq, hq, d, tk, hkv, dv
+
+
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, received {type(value).__name__}")

@@ -1,0 +1,241 @@
+"""Softmax attention: one public entry point, four backends.
+
+    o[b, i, h] = sum_j softmax_j(s[b, h, i, :]) v[b, j, h // G]
+    s[b, h, i, j] = cap * tanh(scale * q[b, i, h] . k[b, j, h // G] / cap) + bias[b, h, i, j]   (masked: -inf)
+
+with ``G = Hq / Hkv`` query heads per key/value head (GQA/MQA; query head ``h`` reads key/value head ``h // G``,
+as flash-attn and SDPA's ``enable_gqa`` do). The softcap (Gemma 2) applies to the scaled logits before the bias is
+added; without ``softcap`` the tanh is skipped. A query row whose keys are all masked returns zeros, not NaN, and
+gets zero gradients.
+
+Backends (``backend=``):
+
+- ``naive``: the reference; materialises the ``Tq x Tk`` matrix, works in float64, returns the weights.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; a mask spec or bias is expanded to a dense
+  tensor only when one is needed (plain causal with ``Tq == Tk`` uses ``is_causal``). No softcap.
+- ``tiled``: flash-style online softmax in pure torch (``hybridattn.ops.tiled_attention``), memory
+  ``O(T * block)``, skips blocks the mask empties, any mask / bias / softcap, recomputing backward.
+- ``flex``: FlexAttention through ``torch.compile`` (``spec.mask_mod`` / ``bias.score_mod``); on the CPU it is
+  inference-only.
+- ``auto``: SDPA whenever it can express the call cheaply, the naive path when SDPA cannot and the matrix is
+  small, else ``tiled``; it never builds a ``Tq x Tk`` tensor above ``DENSE_LIMIT`` elements and never picks
+  ``flex`` (compilation costs more than it saves for one call).
+
+Shape legend: B batch, Tq / Tk query / key length, Hq / Hkv query / key-value heads, D head dim of q and k,
+Dv head dim of v.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hybridattn.ops._checks import check_choice, check_qkv
+from hybridattn.ops.masks import Causal, MaskSpec, as_mask_spec
+from hybridattn.ops.scores import ScoreBias, as_score_bias
+
+__all__ = ["BACKENDS", "DENSE_LIMIT", "softmax_attention"]
+
+#: Largest ``B * Hq * Tq * Tk`` that ``auto`` lets a backend materialise (64 MiB of fp32 per copy).
+DENSE_LIMIT = 2**24
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16 / fp16 inputs accumulate in fp32; fp32 and fp64 keep their own precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_number(name: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, received {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name}: expected a finite float{' > 0' if positive else ''}, received {value}")
+    return value
+
+
+def _check_spec_dims(name: str, spec, batch: int, heads: int) -> None:
+    if spec.batch_size not in (None, batch):
+        raise ValueError(f"{name}: expected batch size {batch} (the batch of q) or 1, received {spec.batch_size}")
+    if spec.num_heads not in (None, heads):
+        raise ValueError(f"{name}: expected {heads} heads (the heads of q) or 1, received {spec.num_heads}")
+
+
+def dense_scores(q, k, *, mask: MaskSpec | None, bias: ScoreBias | None, scale: float, softcap: float | None):
+    """Masked logits ``[B, Hq, Tq, Tk]`` in the accumulation dtype, plus the boolean keep mask (or None).
+
+    Shared by the naive reference and the Bahdanau/Luong variants so that softcap, bias and mask compose in one
+    order everywhere."""
+    b, tq, hq, _ = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    qh = q.to(acc).transpose(1, 2)  # (B, Hq, Tq, D)
+    kh = k.to(acc).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)  # (B, Hq, Tk, D)
+    s = scale * (qh @ kh.transpose(-1, -2))
+    return finish_scores(s, mask=mask, bias=bias, softcap=softcap)
+
+
+def finish_scores(s, *, mask: MaskSpec | None, bias: ScoreBias | None, softcap: float | None):
+    """Apply softcap, bias and mask (in that order) to raw logits ``s`` ``[B, H, Tq, Tk]``."""
+    tq, tk = s.shape[-2:]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.dense(tq, tk, device=s.device, dtype=s.dtype)
+    keep = None
+    if mask is not None:
+        keep = mask.dense(tq, tk, device=s.device)
+        s = s.masked_fill(~keep, float("-inf"))
+    return s, keep
+
+
+def safe_softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where a row of only ``-inf`` gives zeros (and zero gradients), not NaN."""
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def naive_attention(q, k, v, *, mask, bias, scale, softcap, return_weights=False):
+    """Reference: materialise the logits, softmax, weighted sum; float64-capable.
+
+    Returns ``o`` ``[B, Tq, Hq, Dv]`` in q's dtype (and the weights ``[B, Hq, Tq, Tk]`` in the accumulation dtype
+    when ``return_weights``)."""
+    hq, hkv = q.shape[2], k.shape[2]
+    s, _ = dense_scores(q, k, mask=mask, bias=bias, scale=scale, softcap=softcap)
+    w = safe_softmax(s)
+    vh = v.to(s.dtype).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)  # (B, Hq, Tk, Dv)
+    o = (w @ vh).transpose(1, 2).to(q.dtype)  # (B, Tq, Hq, Dv)
+    return (o, w) if return_weights else o
+
+
+def sdpa_attention(q, k, v, *, mask, bias, scale, softcap):
+    """torch SDPA. Plain causal with ``Tq == Tk`` uses ``is_causal`` (top-left aligned, which equals bottom-right
+    only for square masks); anything else is expanded to a dense boolean mask or additive float mask."""
+    if softcap is not None:
+        raise ValueError("softcap: the sdpa backend cannot apply a logit softcap; use backend='tiled' or 'naive'")
+    tq, tk = q.shape[1], k.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    gqa = q.shape[2] != k.shape[2]
+    if bias is None and (mask is None or (type(mask) is Causal and tq == tk)):
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=mask is not None, scale=scale, enable_gqa=gqa)
+        return o.transpose(1, 2)
+    attn_mask, row_kept = None, None
+    if mask is not None:
+        keep = mask.dense(tq, tk, device=q.device)
+        row_kept = keep.any(dim=-1, keepdim=True)
+        # A fully masked row would make SDPA's softmax 0/0; let it attend freely and zero its output below, so
+        # that neither the output nor its gradients see a NaN.
+        attn_mask = keep | ~row_kept
+    if bias is not None:
+        additive = bias.dense(tq, tk, device=q.device, dtype=q.dtype)
+        if attn_mask is not None:
+            additive = additive.masked_fill(~attn_mask, float("-inf"))
+        attn_mask = additive
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+    if row_kept is not None and not bool(row_kept.all()):
+        o = torch.where(row_kept, o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return o.transpose(1, 2)
+
+
+def _tiled(q, k, v, *, mask, bias, scale, softcap):
+    from hybridattn.ops.tiled_attention import tiled_attention
+
+    return tiled_attention(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)
+
+
+def _flex(q, k, v, *, mask, bias, scale, softcap):
+    from hybridattn.ops.flex_backend import flex_attention_backend
+
+    return flex_attention_backend(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)
+
+
+#: Backend registry: name -> fn(q, k, v, *, mask, bias, scale, softcap) on validated, normalised arguments.
+BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention, "tiled": _tiled, "flex": _flex}
+
+
+def choose_backend(q, k, *, mask, bias, softcap) -> str:
+    """The backend ``auto`` runs for these (validated) arguments; see the module docstring for the policy."""
+    b, tq, hq, _ = q.shape
+    tk = k.shape[1]
+    small = b * hq * tq * tk <= DENSE_LIMIT
+    needs_dense = bias is not None or (mask is not None and not (type(mask) is Causal and tq == tk))
+    if softcap is None and not needs_dense:
+        return "sdpa"
+    if small:
+        # SDPA takes an additive mask only in q's dtype; half-precision biases would lose precision there.
+        half_bias = bias is not None and q.dtype in (torch.float16, torch.bfloat16)
+        return "naive" if softcap is not None or half_bias else "sdpa"
+    return "tiled"
+
+
+def softmax_attention(q, k, v, *, causal: bool = False, mask=None, bias=None, scale: float | None = None,
+                      softcap: float | None = None, backend: str = "auto", return_weights: bool = False):
+    """Scaled dot-product softmax attention with GQA, cross-attention, masks, biases and softcap.
+
+    Args:
+        q: queries ``[B, Tq, Hq, D]``.
+        k: keys ``[B, Tk, Hkv, D]`` with ``Hq % Hkv == 0``.
+        v: values ``[B, Tk, Hkv, Dv]``.
+        causal: query ``i`` sees keys ``j <= i + Tk - Tq`` (bottom-right aligned as in flash-attn); combined with
+            ``mask`` by AND.
+        mask: a ``MaskSpec`` from ``hybridattn.ops.masks`` (``causal()``, ``padding(lengths)``,
+            ``document(cu_seqlens)``, ``prefix_lm(n)``, combined with ``&`` / ``|``) or a bool tensor with 4
+            dimensions broadcastable to ``[B, Hq, Tq, Tk]`` (True = attend).
+        bias: additive logits, a ``ScoreBias`` (e.g. ALiBi) or a float tensor broadcastable to ``[B, Hq, Tq, Tk]``.
+        scale: logit scale; default ``1 / sqrt(D)``.
+        softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before the bias (Gemma 2).
+        backend: ``"auto"``, ``"naive"``, ``"sdpa"``, ``"tiled"`` or ``"flex"``.
+        return_weights: also return the attention weights (``naive`` backend only; ``auto`` switches to it).
+
+    Returns:
+        ``o`` ``[B, Tq, Hq, Dv]`` in q's dtype, or ``(o, weights)`` with weights ``[B, Hq, Tq, Tk]``.
+
+    Raises:
+        TypeError: a non-tensor or non-floating input, dtype mismatch, a mask / bias of the wrong type.
+        ValueError: mismatched shapes or devices, ``Hq % Hkv != 0``, a mask / bias that does not broadcast, an
+            unknown backend, or an option the chosen backend cannot honour.
+    """
+    b, tq, hq, d, tk, hkv, dv = check_qkv(q, k, v)
+    check_choice("backend", backend, ("auto", *BACKENDS))
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, received {type(causal).__name__}")
+    scale = 1.0 / math.sqrt(d) if scale is None else _check_number("scale", scale, positive=False)
+    softcap = None if softcap is None else _check_number("softcap", softcap, positive=True)
+
+    spec = None if mask is None else as_mask_spec(mask, "mask")
+    if causal:
+        spec = Causal() if spec is None else Causal() & spec
+    if spec is not None:
+        _check_spec_dims("mask", spec, b, hq)
+        spec.mask_mod(tq, tk)  # validates lengths / cu_seqlens / tensor shape against this call
+        if type(spec) is Causal and tq == 1:
+            spec = None  # one query aligned bottom-right sees every key (decoding)
+    score_bias = None if bias is None else as_score_bias(bias, "bias")
+    if score_bias is not None:
+        _check_spec_dims("bias", score_bias, b, hq)
+        if tq and tk:
+            probe = torch.zeros(1, dtype=torch.long, device=q.device)
+            got = score_bias.block(tq, tk, probe, probe)
+            if got.dim() != 4 or got.shape[-2:] != (1, 1):
+                raise ValueError(f"bias: block() must return [B|1, H|1, len(q_idx), len(kv_idx)], "
+                                 f"received {tuple(got.shape)}")
+
+    if return_weights and backend not in ("auto", "naive"):
+        raise ValueError(f"return_weights: only the naive backend returns weights, received backend={backend!r}")
+    if backend == "auto":
+        backend = "naive" if return_weights else choose_backend(q, k, mask=spec, bias=score_bias, softcap=softcap)
+
+    if tq == 0 or tk == 0:
+        # No keys: every row is fully masked, so the output is zeros (and so are the gradients).
+        o = q.new_zeros(b, tq, hq, dv) + 0 * (q.sum() + k.sum() + v.sum())
+        return (o, q.new_zeros(b, hq, tq, tk, dtype=accumulation_dtype(q.dtype))) if return_weights else o
+    kwargs = dict(mask=spec, bias=score_bias, scale=scale, softcap=softcap)
+    if return_weights:
+        return naive_attention(q, k, v, return_weights=True, **kwargs)
+    return BACKENDS[backend](q, k, v, **kwargs)
