@@ -1,0 +1,328 @@
+"""``ModelConfig``: everything needed to build a ``HybridLM``, validated on construction, saved as JSON.
+
+Per-mixer options live in nested sub-configs (``attention``, ``linear``, ``ffn``, ``moe``) instead of flat
+keyword arguments; options of user-registered mixers go in ``mixer_options[name]`` (a plain dict).
+
+The layer layout is given one of three ways (see ``hybridattn.models.layout``): ``layers=[names]``,
+``hybrid="3:1"`` (the default) or ``pattern="(gdn*3,attn)*4"``. ``config.layer_types`` is the resolved list.
+
+Example::
+
+    cfg = ModelConfig.preset("qwen3-next-tiny", num_layers=8)
+    cfg = ModelConfig(d_model=256, num_layers=12, hybrid="7:1", linear_mixer="gla")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridattn.models.layout import resolve_layout
+
+
+def _err(name: str, expected: str, value) -> ValueError:
+    return ValueError(f"{name}: expected {expected}, received {value!r}")
+
+
+def _check_int(name: str, value, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, received {type(value).__name__}")
+    if value < minimum:
+        raise _err(name, f"an int >= {minimum}", value)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise _err(name, f"one of {tuple(choices)}", value)
+
+
+@dataclass
+class AttentionConfig:
+    """Softmax layers (mixer ``attention``)."""
+
+    num_heads: int = 4                 # query heads
+    num_kv_heads: int | None = None    # key/value heads (GQA: num_heads % num_kv_heads == 0); None = num_heads
+    head_dim: int | None = None        # None = d_model // num_heads
+    position: str = "rope"             # "rope", "alibi", "t5" (learned bucketed bias) or "none" (NoPE)
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Qwen3-Next: 0.25)
+    output_gate: bool = False          # sigmoid output gate from the query projection (Qwen3-Next)
+    qk_norm: bool = False              # RMSNorm over each q and k head (Qwen3-Next)
+    window: int | None = None          # sliding window; the KV cache becomes a ring buffer of `window` entries
+    bias: bool = False                 # biases on the q/k/v/o projections
+
+    def validate(self, d_model: int) -> None:
+        _check_int("attention.num_heads", self.num_heads)
+        kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        _check_int("attention.num_kv_heads", kv)
+        if self.num_heads % kv:
+            raise _err("attention.num_kv_heads", f"a divisor of attention.num_heads={self.num_heads}", kv)
+        if self.head_dim is None and d_model % self.num_heads:
+            raise _err("attention.head_dim", f"a value (d_model={d_model} is not divisible by num_heads)", None)
+        if self.head_dim is not None:
+            _check_int("attention.head_dim", self.head_dim)
+        _check_choice("attention.position", self.position, ("rope", "alibi", "t5", "none"))
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise _err("attention.partial_rotary_factor", "a float in (0, 1]", self.partial_rotary_factor)
+        if self.window is not None:
+            _check_int("attention.window", self.window)
+
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.num_heads
+
+
+@dataclass
+class LinearConfig:
+    """Options shared by the linear mixers (``gated_deltanet``, ``deltanet``, ``gla``, ``retention``,
+    ``mamba2``, ``linear``). For ``mamba2``: ``num_heads`` = groups of B/C, ``num_v_heads`` = SSM heads,
+    ``head_dim`` = state size N, ``v_head_dim`` = SSM head dim P."""
+
+    num_heads: int = 4                 # query/key heads Hk
+    num_v_heads: int | None = None     # value heads Hv (GVA: Hv % Hk == 0); None = num_heads
+    head_dim: int | None = None        # key head dim Dk; None = d_model // num_heads
+    v_head_dim: int | None = None      # value head dim Dv; None = head_dim
+    conv_size: int = 4                 # depthwise causal short-conv kernel over q/k/v; 0 = no conv
+    chunk_size: int = 64               # chunk length of the chunked (prefill) form
+    feature_map: str = "elu+1"         # mixer `linear` only: identity, relu, elu+1, taylor (Based), favor (FAVOR+)
+    gate_low_rank: int = 16            # mixer `gla` only: rank of the low-rank forget-gate projection
+
+    def validate(self, d_model: int) -> None:
+        _check_int("linear.num_heads", self.num_heads)
+        hv = self.v_heads()
+        _check_int("linear.num_v_heads", hv)
+        if hv % self.num_heads:
+            raise _err("linear.num_v_heads", f"a multiple of linear.num_heads={self.num_heads}", hv)
+        if self.head_dim is None and d_model % self.num_heads:
+            raise _err("linear.head_dim", f"a value (d_model={d_model} is not divisible by num_heads)", None)
+        for name in ("head_dim", "v_head_dim"):
+            if getattr(self, name) is not None:
+                _check_int(f"linear.{name}", getattr(self, name))
+        _check_int("linear.conv_size", self.conv_size, minimum=0)
+        if self.conv_size == 1:
+            raise _err("linear.conv_size", "0 (no conv) or >= 2", 1)
+        _check_int("linear.chunk_size", self.chunk_size)
+        _check_int("linear.gate_low_rank", self.gate_low_rank)
+        _check_choice("linear.feature_map", self.feature_map, ("identity", "relu", "elu+1", "taylor", "favor"))
+
+    def v_heads(self) -> int:
+        return self.num_heads if self.num_v_heads is None else self.num_v_heads
+
+    def k_dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.num_heads
+
+    def v_dim(self, d_model: int) -> int:
+        return self.v_head_dim or self.k_dim(d_model)
+
+
+@dataclass
+class FFNConfig:
+    """Dense feed-forward of each block."""
+
+    kind: str = "swiglu"               # "swiglu", "gelu", or any name registered with layers.mlp.register_ffn
+    intermediate_size: int | None = None  # None = 4 * d_model (gelu) or 8/3 * d_model rounded to 64 (swiglu)
+    bias: bool = False                 # biases in the gelu MLP (GPT-2 style); SwiGLU has none
+
+    def hidden(self, d_model: int) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return 4 * d_model if self.kind == "gelu" else 64 * -(-(8 * d_model // 3) // 64)
+
+
+@dataclass
+class MoEConfig:
+    """Sparse mixture-of-experts feed-forward (Qwen3-Next); built through ``register_ffn("moe")``."""
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
+    shared_expert_intermediate_size: int = 0  # 0 = no shared expert
+    norm_topk_prob: bool = True        # renormalise the top-k router probabilities
+    decoder_sparse_step: int = 1       # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001
+
+    def validate(self) -> None:
+        _check_int("moe.num_experts", self.num_experts)
+        _check_int("moe.num_experts_per_tok", self.num_experts_per_tok)
+        if self.num_experts_per_tok > self.num_experts:
+            raise _err("moe.num_experts_per_tok", f"<= moe.num_experts={self.num_experts}", self.num_experts_per_tok)
+        _check_int("moe.moe_intermediate_size", self.moe_intermediate_size)
+        _check_int("moe.shared_expert_intermediate_size", self.shared_expert_intermediate_size, minimum=0)
+        _check_int("moe.decoder_sparse_step", self.decoder_sparse_step)
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
+
+
+_NESTED = {"attention": AttentionConfig, "linear": LinearConfig, "ffn": FFNConfig, "moe": MoEConfig}
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of a ``HybridLM``. Raises ``ValueError``/``TypeError`` naming the field when invalid."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 4
+    # layer layout: at most one of these three; none = hybrid "3:1"
+    layers: list[str] | None = None    # explicit mixer name per layer
+    hybrid: str | None = None          # "L:S" ratio, softmax at the end of each period ("3:1" -> 3, 7, 11...)
+    pattern: str | None = None         # pattern string, e.g. "LLLA" or "(gdn*3,attn)*4"
+    linear_mixer: str = "gated_deltanet"  # what "L" and the linear part of `hybrid` mean
+    softmax_mixer: str = "attention"      # what "A" and the softmax part of `hybrid` mean
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    moe: MoEConfig | None = None       # when set, sparse layers (moe.is_sparse) use the "moe" feed-forward
+    mixer_options: dict[str, dict] = field(default_factory=dict)  # options of user-registered mixers
+    norm: str = "rms"                  # "rms": x/rms(x)*w; "rms_zero_centred": x/rms(x)*(1+w) (Qwen3-Next)
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True        # lm_head shares the embedding matrix
+    initializer_range: float = 0.02    # std of the normal init of linear and embedding weights
+    pad_token_id: int = 0              # written after a row stopped, in `generate`
+    eos_token_id: int | None = None    # default stop token of `generate`
+
+    def __post_init__(self):
+        for name, cls in _NESTED.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(cls, value, prefix=name + "."))
+            elif value is not None and not isinstance(value, cls):
+                raise TypeError(f"{name}: expected {cls.__name__} or dict, received {type(value).__name__}")
+        self.validate()
+
+    # -- validation and derived values -------------------------------------------------------------------
+    def validate(self) -> None:
+        from hybridattn.layers.registry import available_mixers
+
+        _check_int("vocab_size", self.vocab_size)
+        _check_int("d_model", self.d_model)
+        _check_int("num_layers", self.num_layers)
+        _check_choice("norm", self.norm, ("rms", "rms_zero_centred"))
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise _err("norm_eps", "a float > 0", self.norm_eps)
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise _err("pad_token_id", f"an id in [0, vocab_size={self.vocab_size})", self.pad_token_id)
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            raise _err("eos_token_id", f"None or an id in [0, vocab_size={self.vocab_size})", self.eos_token_id)
+        known = available_mixers()
+        for name in ("linear_mixer", "softmax_mixer"):
+            _check_choice(name, getattr(self, name), known)
+        types = self.layer_types
+        for i, name in enumerate(types):
+            if name not in known:
+                raise _err(f"layers[{i}]", f"a registered mixer {tuple(known)}", name)
+        if any(n != self.softmax_mixer for n in types) or self.linear_mixer in types:
+            self.linear.validate(self.d_model)
+        self.attention.validate(self.d_model)
+        if self.ffn.hidden(self.d_model) < 1:
+            raise _err("ffn.intermediate_size", "an int >= 1", self.ffn.intermediate_size)
+        if self.moe is not None:
+            self.moe.validate()
+
+    @property
+    def layer_types(self) -> list[str]:
+        """The mixer name of every layer (the layout resolved)."""
+        return resolve_layout(num_layers=self.num_layers, layers=self.layers, hybrid=self.hybrid,
+                              pattern=self.pattern, linear=self.linear_mixer, softmax=self.softmax_mixer)
+
+    def ffn_kind(self, layer_idx: int) -> str:
+        """Feed-forward kind of layer ``layer_idx``: ``"moe"`` on sparse layers when ``moe`` is set."""
+        return "moe" if self.moe is not None and self.moe.is_sparse(layer_idx) else self.ffn.kind
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes`` applied (changing the layout clears the other layout fields)."""
+        data = self.to_dict()
+        if {"layers", "hybrid", "pattern"} & changes.keys():
+            data.update(layers=None, hybrid=None, pattern=None)
+        data.update(changes)
+        return ModelConfig.from_dict(data)
+
+    # -- serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+    def to_json(self, path=None, *, indent: int = 2) -> str:
+        """The config as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path) -> "ModelConfig":
+        """Read a config from JSON text or from a file path."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    # -- presets -------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named configuration (see ``PRESETS``); keyword ``overrides`` replace its fields."""
+        if name not in PRESETS:
+            raise _err("name", f"one of {tuple(PRESETS)}", name)
+        data = cls(**PRESETS[name]).to_dict()
+        if {"layers", "hybrid", "pattern"} & overrides.keys():
+            data.update(layers=None, hybrid=None, pattern=None)
+        data.update(overrides)
+        return cls.from_dict(data)
+
+
+def _from_dict(cls, data: dict, *, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise TypeError(f"{prefix.rstrip('.') or 'config'}: expected a dict, received {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown field; expected one of {sorted(names)}")
+    return cls(**data)
+
+
+def _tiny_qwen3_next() -> dict:
+    return dict(
+        vocab_size=256, d_model=128, num_layers=8, hybrid="3:1", linear_mixer="gated_deltanet",
+        attention=dict(num_heads=4, num_kv_heads=2, head_dim=32, partial_rotary_factor=0.25,
+                       rope_theta=10_000_000.0, output_gate=True, qk_norm=True),
+        linear=dict(num_heads=2, num_v_heads=4, head_dim=32, v_head_dim=32, conv_size=4),
+        ffn=dict(kind="swiglu", intermediate_size=256), norm="rms_zero_centred", tie_embeddings=False,
+    )
+
+
+#: Named configurations. The tiny ones are for tests and demos; "qwen3-next-80b" has the published sizes of
+#: Qwen3-Next-80B-A3B (for the memory planner; building it needs ~160 GB of bf16 weights).
+PRESETS: dict[str, dict] = {
+    "qwen3-next-tiny": _tiny_qwen3_next(),
+    "gpt-tiny": dict(
+        vocab_size=256, d_model=128, num_layers=4, hybrid="0:1",
+        attention=dict(num_heads=4), ffn=dict(kind="gelu", bias=True), tie_embeddings=True,
+    ),
+    "gated-deltanet-tiny": dict(
+        vocab_size=256, d_model=128, num_layers=4, hybrid="1:0", linear_mixer="gated_deltanet",
+        linear=dict(num_heads=2, num_v_heads=4, head_dim=32, v_head_dim=32),
+    ),
+    "mamba2-tiny": dict(
+        vocab_size=256, d_model=128, num_layers=4, hybrid="1:0", linear_mixer="mamba2",
+        linear=dict(num_heads=1, num_v_heads=8, head_dim=16, v_head_dim=32), ffn=dict(kind="swiglu"),
+    ),
+    "qwen3-next-80b": dict(
+        vocab_size=151_936, d_model=2048, num_layers=48, hybrid="3:1", linear_mixer="gated_deltanet",
+        attention=dict(num_heads=16, num_kv_heads=2, head_dim=256, partial_rotary_factor=0.25,
+                       rope_theta=10_000_000.0, output_gate=True, qk_norm=True),
+        linear=dict(num_heads=16, num_v_heads=32, head_dim=128, v_head_dim=128, conv_size=4),
+        ffn=dict(kind="swiglu", intermediate_size=5120),
+        moe=dict(num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+                 shared_expert_intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1),
+        norm="rms_zero_centred", tie_embeddings=False, eos_token_id=151_645,
+    ),
+}
