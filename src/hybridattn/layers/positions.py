@@ -130,6 +130,11 @@ class _T5Bias(ScoreBias):
         self.module = module
         self.num_heads = module.num_heads
 
+    def grad_tensors(self):
+        # the tiled backend recomputes block() in its backward and sends the bias gradient here
+        weight = self.module.weight
+        return (weight,) if weight.requires_grad else ()
+
     def _buckets(self, relative_position):
         m = self.module
         return t5_relative_bucket(

@@ -1,0 +1,309 @@
+"""Multi-head softmax attention as a mixer: GQA, RoPE / ALiBi / T5 / NoPE, the Qwen3-Next options (output gate,
+q/k RMSNorm, partial RoPE), sliding windows, cross-attention, and KV caches for decoding.
+
+Per call (self-attention)::
+
+    q, gate = split(q_proj(x))              # [B, T, H, D] each (gate only with output_gate)
+    k, v    = k_proj(x), v_proj(x)          # [B, T, Hkv, D]
+    q, k    = norm(q), norm(k)              # qk_norm: RMSNorm over D, per head
+    q, k    = rope(q, pos), rope(k, pos)    # pos counts real tokens, continuing the cache
+    k, v    = cache.update(k, v)            # all cached keys, the new ones last
+    o       = softmax_attention(q, k, v)    # causal aligned bottom-right, padding and window masked
+    y       = o_proj(o * sigmoid(gate))     # [B, T, d_model]
+
+Shape legend: B batch, T tokens of this call, Tm memory length, H query heads, Hkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybridattn.layers.cache import Cache, KVCache, SlidingWindowKVCache, check_token_mask, token_positions
+from hybridattn.layers.norms import RMSNorm
+from hybridattn.layers.positions import T5RelativeBias
+from hybridattn.ops._checks import check_choice, check_heads_divisible, check_positive_int, check_tensor
+from hybridattn.ops.masks import MaskSpec, TensorMask
+from hybridattn.ops.positions import ALiBi, alibi_slopes, apply_rotary, rotary_dim
+from hybridattn.ops.softmax_attention import softmax_attention
+
+POSITIONS = ("rope", "alibi", "t5", "nope", "none")
+
+
+class SlidingWindow(MaskSpec):
+    """Query ``i`` (at key position ``i + Tk - Tq``) sees the ``window`` most recent keys, itself included:
+    ``pos_q - window < j``. Combine with a causal mask for the upper side."""
+
+    def __init__(self, window: int):
+        self.window = check_positive_int("window", window)
+
+    def mask_mod(self, q_len, kv_len):
+        offset, window = kv_len - q_len, self.window
+        return lambda b, h, q, k: (q + offset - k) < window
+
+    def __repr__(self):
+        return f"sliding_window({self.window})"
+
+
+class MultiHeadAttention(nn.Module):
+    """Softmax attention mixer (the mixer protocol of docs/dev/CONTRACTS.md).
+
+    Args:
+        d_model: model width.
+        n_heads: query heads H.
+        n_kv_heads: key/value heads (GQA/MQA); must divide ``n_heads``. None = ``n_heads``.
+        head_dim: D; None = ``d_model // n_heads`` (then ``d_model`` must be divisible by ``n_heads``).
+        causal: causal self-attention. None = True for self-attention, False for cross-attention.
+        positions: "rope", "alibi", "t5" (learned bucketed bias) or "nope"/"none". None = "rope" for
+            self-attention, "nope" for cross-attention (which takes no positions). Absolute encodings
+            (``sinusoidal_positions``, ``LearnedPositionEmbedding``) are added to the embeddings by the model.
+        rope_theta: RoPE base.
+        rotary_fraction: share of D rotated by RoPE (Qwen3-Next: 0.25).
+        qk_norm: RMSNorm over D on every q and k head, before RoPE.
+        zero_centered_norm: the q/k norms scale by ``1 + w`` (Qwen3-Next) instead of ``w``.
+        norm_eps: epsilon of the q/k norms.
+        output_gate: ``q_proj`` also emits a gate; ``o * sigmoid(gate)`` before ``o_proj``. The projection has
+            width ``2 * H * D`` with ``[q_h, gate_h]`` side by side per head, the Hugging Face Qwen3-Next layout.
+        cross: attend to ``memory`` (encoder output) instead of ``x``; keys/values come from the memory.
+        bias: biases on the four projections.
+        window: sliding window (keys ``pos_q - window < j <= pos_q``); its cache is a ring buffer of ``window``
+            slots. Requires causal self-attention.
+        backend: passed to :func:`hybridattn.ops.softmax_attention` ("auto", "naive", "sdpa", "tiled", "flex").
+        scale: logit scale; None = ``D ** -0.5``.
+        softcap: optional logit softcap.
+        relative_bias: a :class:`T5RelativeBias` to share between layers (T5 computes it once per stack); None
+            builds one for ``positions="t5"``.
+        t5_num_buckets, t5_max_distance: of the T5 bias built here.
+
+    Raises:
+        ValueError: inconsistent sizes (``d_model`` vs heads, ``n_heads % n_kv_heads``), an unknown position
+            scheme, a window without causal self-attention, positions on cross-attention.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        causal: bool | None = None,
+        positions: str | None = None,
+        rope_theta: float = 10000.0,
+        rotary_fraction: float = 1.0,
+        qk_norm: bool = False,
+        zero_centered_norm: bool = False,
+        norm_eps: float = 1e-6,
+        output_gate: bool = False,
+        cross: bool = False,
+        bias: bool = False,
+        window: int | None = None,
+        backend: str = "auto",
+        scale: float | None = None,
+        softcap: float | None = None,
+        relative_bias: T5RelativeBias | None = None,
+        t5_num_buckets: int = 32,
+        t5_max_distance: int = 128,
+    ):
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.n_heads = check_positive_int("n_heads", n_heads)
+        self.n_kv_heads = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
+        check_heads_divisible("n_heads", n_heads, "n_kv_heads", self.n_kv_heads)
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(
+                    f"d_model: expected a multiple of n_heads={n_heads} (or pass head_dim), received {d_model}"
+                )
+            head_dim = d_model // n_heads
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        self.cross = bool(cross)
+        self.causal = (not self.cross) if causal is None else bool(causal)
+        if self.cross and self.causal:
+            raise ValueError("causal: cross-attention to a memory is not causal; expected causal=False or None, received True")
+        positions = ("nope" if self.cross else "rope") if positions is None else positions
+        check_choice("positions", positions, POSITIONS)
+        self.positions = "nope" if positions == "none" else positions
+        if self.cross and self.positions != "nope":
+            raise ValueError(f"positions: cross-attention takes no positions; expected 'nope', received {positions!r}")
+        if window is not None:
+            check_positive_int("window", window)
+            if not self.causal:
+                raise ValueError(f"window: a sliding window needs causal self-attention, received causal={self.causal}")
+        self.window = window
+        self.rope_theta, self.rotary_fraction = rope_theta, rotary_fraction
+        if self.positions == "rope":
+            rotary_dim(head_dim, rotary_fraction)  # validate now rather than on the first forward
+        self.backend, self.scale, self.softcap = backend, scale, softcap
+        self.output_gate = bool(output_gate)
+
+        hd = self.head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * hd * (2 if output_gate else 1), bias=bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(n_heads * hd, d_model, bias=bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            self.q_norm = RMSNorm(hd, eps=norm_eps, zero_centered=zero_centered_norm)
+            self.k_norm = RMSNorm(hd, eps=norm_eps, zero_centered=zero_centered_norm)
+        self.relative_bias = None
+        if self.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
+        elif self.positions == "t5":
+            self.relative_bias = relative_bias or T5RelativeBias(
+                n_heads, num_buckets=t5_num_buckets, max_distance=t5_max_distance, bidirectional=not self.causal
+            )
+            if self.relative_bias.num_heads != n_heads:
+                raise ValueError(
+                    f"relative_bias: expected {n_heads} heads (n_heads), received {self.relative_bias.num_heads}"
+                )
+
+    # -- the mixer protocol --------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, *, device=None, dtype=None) -> Cache:
+        """An empty cache for ``batch_size`` rows: a ring buffer with a window, a growing KV cache otherwise
+        (for cross-attention it holds the memory's keys/values)."""
+        device = self.k_proj.weight.device if device is None else device
+        dtype = self.k_proj.weight.dtype if dtype is None else dtype
+        if self.window is not None:
+            return SlidingWindowKVCache(batch_size, self.n_kv_heads, self.head_dim, self.window, device=device, dtype=dtype)
+        return KVCache(batch_size, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            x: ``[B, T, d_model]``.
+            cache: from ``new_cache``; mutated in place. For cross-attention it caches the memory's keys/values:
+                pass ``memory`` on the first call (or to replace it) and ``None`` afterwards.
+            token_mask: ``[B, T]`` bool, False = left padding (masked as keys, excluded from RoPE positions, output
+                zeroed).
+            memory: ``[B, Tm, d_model]`` for cross-attention.
+            memory_mask: ``[B, Tm]`` bool, False = padding in the memory.
+
+        Returns:
+            ``[B, T, d_model]``.
+
+        Raises:
+            ValueError / TypeError: wrong shapes, dtypes or devices; memory without ``cross`` or missing memory.
+        """
+        b, t = self._check_input("x", x)
+        token_mask = check_token_mask(token_mask, b, t, x.device)
+        if cache is not None and not isinstance(cache, (KVCache, SlidingWindowKVCache)):
+            raise TypeError(f"cache: expected the KVCache from new_cache(), received {type(cache).__name__}")
+        if cache is not None and not (self.causal or self.cross):
+            # earlier tokens would have to see later ones, which a cache of the past cannot give them
+            raise ValueError("cache: incremental decoding needs causal self-attention; this layer has causal=False")
+
+        q, gate = self._queries(x)
+        if self.cross:
+            k, v, key_valid = self._memory_keys(memory, memory_mask, cache, b)
+        else:
+            if memory is not None or memory_mask is not None:
+                raise ValueError("memory: expected None for self-attention (build the layer with cross=True)")
+            k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+            v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.positions == "rope":
+                start = None if cache is None else cache.real_tokens
+                pos = token_positions(token_mask, t, start=start, device=x.device)
+                q = apply_rotary(q, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
+                k = apply_rotary(k, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
+            if cache is None:
+                key_valid = token_mask
+            else:
+                k, v, key_valid = cache.update(k, v, token_mask)
+
+        o = softmax_attention(
+            q, k, v,
+            # one query after all its keys sees every key under the bottom-right causal mask, so skip the mask
+            causal=self.causal and t > 1,
+            mask=self._mask(key_valid),
+            bias=self._bias(),
+            scale=self.scale,
+            softcap=self.softcap,
+            backend=self.backend,
+        )
+        o = o.reshape(b, t, self.n_heads * self.head_dim)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        y = self.o_proj(o)
+        if token_mask is not None:
+            y = y * token_mask.unsqueeze(-1).to(y.dtype)
+        return y
+
+    # -- parts ---------------------------------------------------------------------------------------------
+    def _check_input(self, name: str, x) -> tuple[int, int]:
+        check_tensor(name, x, ndim=3)
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"{name}: expected [B, T, d_model={self.d_model}], received {tuple(x.shape)}")
+        return x.shape[0], x.shape[1]
+
+    def _queries(self, x):
+        b, t = x.shape[:2]
+        if self.output_gate:
+            # HF Qwen3-Next layout: per head, D query channels followed by D gate channels
+            q, gate = self.q_proj(x).view(b, t, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(b, t, self.n_heads * self.head_dim)
+        else:
+            q, gate = self.q_proj(x).view(b, t, self.n_heads, self.head_dim), None  # (B, T, H, D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return q, gate
+
+    def _memory_keys(self, memory, memory_mask, cache, batch):
+        if memory is None:
+            if not isinstance(cache, KVCache) or cache.seen_tokens == 0:
+                raise ValueError("memory: expected [B, Tm, d_model] for cross-attention (or a cache holding it), received None")
+            return cache.contents()
+        self._check_input("memory", memory)
+        if memory.shape[0] != batch:
+            raise ValueError(f"memory: expected batch size {batch} (the batch of x), received {memory.shape[0]}")
+        tm = memory.shape[1]
+        memory_mask = check_token_mask(memory_mask, batch, tm, memory.device) if memory_mask is not None else None
+        k = self.k_proj(memory).view(batch, tm, self.n_kv_heads, self.head_dim)  # (B, Tm, Hkv, D)
+        v = self.v_proj(memory).view(batch, tm, self.n_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if cache is None:
+            return k, v, memory_mask
+        cache.clear()
+        return cache.update(k, v, memory_mask)
+
+    def _mask(self, key_valid):
+        specs = []
+        if key_valid is not None:
+            specs.append(TensorMask(key_valid[:, None, None, :]))  # (B, 1, 1, Tk)
+        if self.window is not None:
+            specs.append(SlidingWindow(self.window))
+        if not specs:
+            return None
+        mask = specs[0]
+        for spec in specs[1:]:
+            mask = mask & spec
+        return mask
+
+    def _bias(self):
+        if self.positions == "alibi":
+            return ALiBi(causal=self.causal, slopes=self.alibi_slopes)
+        if self.positions == "t5":
+            return self.relative_bias()
+        return None
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}",
+            f"causal={self.causal}, positions={self.positions!r}",
+        ]
+        if self.positions == "rope":
+            parts.append(f"rope_theta={self.rope_theta}, rotary_fraction={self.rotary_fraction}")
+        for name in ("output_gate", "cross", "window"):
+            if getattr(self, name):
+                parts.append(f"{name}={getattr(self, name)}")
+        return ", ".join(parts)

@@ -1,0 +1,291 @@
+import pytest
+import torch
+
+from hybridattn.layers.attention import MultiHeadAttention
+from hybridattn.layers.cache import KVCache, SlidingWindowKVCache
+from hybridattn.layers.positions import T5RelativeBias, t5_relative_bucket
+from hybridattn.ops.positions import alibi_slopes
+
+D_MODEL = 30
+
+# name -> MultiHeadAttention options (d_model=30 throughout; head dims 10 and 6 are not powers of two)
+CONFIGS = {
+    "rope": dict(n_heads=3),
+    "rope-gqa": dict(n_heads=6, n_kv_heads=2, head_dim=6, rope_theta=100.0),
+    "qwen3next": dict(
+        n_heads=4, n_kv_heads=2, head_dim=12, output_gate=True, qk_norm=True, zero_centered_norm=True,
+        rotary_fraction=0.5,
+    ),
+    "alibi": dict(n_heads=6, positions="alibi"),
+    "alibi-bidirectional": dict(n_heads=5, positions="alibi", causal=False),
+    "t5": dict(n_heads=3, positions="t5", t5_num_buckets=8, t5_max_distance=12),
+    "t5-bidirectional": dict(n_heads=3, positions="t5", causal=False, t5_num_buckets=8, t5_max_distance=12),
+    "nope-bias": dict(n_heads=2, positions="nope", bias=True),
+    "window": dict(n_heads=6, n_kv_heads=3, head_dim=10, window=4),
+    "window-alibi-gated": dict(n_heads=3, window=5, positions="alibi", output_gate=True, qk_norm=True),
+    "cross": dict(n_heads=6, n_kv_heads=2, cross=True, output_gate=True, qk_norm=True),
+}
+CAUSAL_CONFIGS = [name for name, cfg in CONFIGS.items() if not cfg.get("cross") and cfg.get("causal", True)]
+
+
+def make_layer(name, dtype=torch.float64, **extra):
+    torch.manual_seed(1)
+    layer = MultiHeadAttention(D_MODEL, **{**CONFIGS[name], **extra}).to(dtype)
+    with torch.no_grad():  # non-trivial norm weights and T5 table so they are tested, not the identity init
+        for pname, p in layer.named_parameters():
+            if "norm" in pname or "relative_bias" in pname:
+                p.normal_(0.0, 0.5)
+    return layer
+
+
+def rope_complex(x, pos, theta, n_rot):
+    """RoPE as a complex rotation: channel pairs (i, i + n/2) form x_i + 1j * x_{i+n/2}, times e^(1j p theta_i)."""
+    half = n_rot // 2
+    z = torch.complex(x[..., :half], x[..., half:n_rot])
+    freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / n_rot)
+    z = z * torch.polar(torch.ones_like(freq), pos.double()[..., None, None] * freq)  # pos [B, T] -> [B, T, 1, n/2]
+    return torch.cat((z.real, z.imag, x[..., n_rot:]), dim=-1)
+
+
+def reference(layer, x, *, token_mask=None, memory=None, memory_mask=None):
+    """Float64 multi-head attention written out from the definitions, with the layer's weights."""
+    P = {n: p.double() for n, p in layer.named_parameters()}
+    x = x.double()
+    b, t, _ = x.shape
+    h, hkv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
+
+    def linear(name, inp):
+        out = inp @ P[name + ".weight"].T
+        return out + P[name + ".bias"] if name + ".bias" in P else out
+
+    def rms(inp, w):
+        normed = inp / torch.sqrt((inp * inp).mean(-1, keepdim=True) + 1e-6)
+        return normed * ((1 + w) if layer.q_norm.zero_centered else w)
+
+    q = linear("q_proj", x).view(b, t, h, -1)
+    gate = q[..., d:].reshape(b, t, h * d) if layer.output_gate else None
+    q = q[..., :d]
+    src = memory.double() if layer.cross else x
+    tk = src.shape[1]
+    k = linear("k_proj", src).view(b, tk, hkv, d)
+    v = linear("v_proj", src).view(b, tk, hkv, d)
+    if layer.q_norm is not None:
+        q, k = rms(q, P["q_norm.weight"]), rms(k, P["k_norm.weight"])
+    real = torch.ones(b, t, dtype=torch.bool) if token_mask is None else token_mask
+    if layer.positions == "rope":
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)
+        n_rot = int(d * layer.rotary_fraction)
+        q, k = rope_complex(q, pos, layer.rope_theta, n_rot), rope_complex(k, pos, layer.rope_theta, n_rot)
+    k = k.repeat_interleave(h // hkv, dim=2)
+    v = v.repeat_interleave(h // hkv, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * d**-0.5
+    i = torch.arange(t).view(t, 1) + tk - t
+    j = torch.arange(tk).view(1, tk)
+    if layer.positions == "alibi":
+        dist = (i - j).clamp(min=0) if layer.causal else (i - j).abs()
+        s = s - alibi_slopes(h, dtype=torch.float64).view(1, h, 1, 1) * dist
+    if layer.positions == "t5":
+        rb = layer.relative_bias
+        buckets = t5_relative_bucket(j - i, bidirectional=rb.bidirectional, num_buckets=rb.num_buckets,
+                                     max_distance=rb.max_distance)
+        s = s + P["relative_bias.weight"][buckets].permute(2, 0, 1)
+    keep = torch.ones(b, 1, t, tk, dtype=torch.bool)
+    if layer.causal:
+        keep = keep & (j <= i)
+    if layer.window is not None:
+        keep = keep & (i - j < layer.window)
+    key_valid = memory_mask if layer.cross else token_mask
+    if key_valid is not None:
+        keep = keep & key_valid[:, None, None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    o = torch.einsum("bhij,bjhd->bihd", p, v).reshape(b, t, h * d)
+    if gate is not None:
+        o = o * torch.sigmoid(gate)
+    y = linear("o_proj", o)
+    return y * real[..., None]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _inputs(name, b=2, t=13, tm=9, dtype=torch.float64):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, t, D_MODEL, generator=g, dtype=dtype)
+    memory = torch.randn(b, tm, D_MODEL, generator=g, dtype=dtype) if CONFIGS[name].get("cross") else None
+    return x, memory
+
+
+def _has_tiled():
+    try:
+        import hybridattn.ops.tiled_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("backend", ["auto", "naive", "tiled"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_layer_matches_float64_reference_outputs_and_grads(name, backend):
+    if backend == "tiled" and not _has_tiled():
+        pytest.skip("tiled backend not available yet")
+    layer = make_layer(name, backend=backend)
+    x, memory = _inputs(name)
+    x.requires_grad_(True)
+    y = layer(x, memory=memory)
+    ref = reference(layer, x, memory=memory)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    dy = torch.randn_like(y)
+    params = [p for _, p in layer.named_parameters()]
+    got = torch.autograd.grad(y, [x, *params], dy)
+    expected = torch.autograd.grad(ref, [x, *params], dy)
+    for (pname, _), g1, g0 in zip([("x", x), *layer.named_parameters()], got, expected):
+        assert g0.abs().max() > 0, pname  # every part of the layer is exercised
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-10, msg=lambda m: f"{pname}: {m}")
+
+
+@pytest.mark.parametrize("name", ["rope", "qwen3next", "alibi", "t5", "nope-bias"])
+def test_left_padding_matches_reference_and_rows_alone(name):
+    layer = make_layer(name)
+    x, _ = _inputs(name, t=11)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, :4] = False
+    y = layer(x, token_mask=mask)
+    torch.testing.assert_close(y, reference(layer, x, token_mask=mask), rtol=1e-10, atol=1e-10)
+    assert torch.equal(y[0, :4], torch.zeros(4, D_MODEL, dtype=y.dtype))
+    torch.testing.assert_close(y[0, 4:], layer(x[0:1, 4:])[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y[1], layer(x[1:2])[0], rtol=1e-10, atol=1e-10)
+
+
+def _decode(layer, x, prefill, *, token_mask=None, cache=None):
+    """Prefill ``prefill`` tokens, then one token per call; returns the concatenated outputs and the cache."""
+    cache = layer.new_cache(x.shape[0]) if cache is None else cache
+    outs = []
+    for s in [0, *range(prefill, x.shape[1])]:
+        e = prefill if s == 0 else s + 1
+        m = None if token_mask is None else token_mask[:, s:e]
+        outs.append(layer(x[:, s:e], cache=cache, token_mask=m))
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("name", CAUSAL_CONFIGS)
+def test_prefill_then_decode_equals_full_forward(name):
+    layer = make_layer(name, dtype=torch.float32)
+    x, _ = _inputs(name, t=15, dtype=torch.float32)
+    with torch.no_grad():
+        full = layer(x)
+        steps, cache = _decode(layer, x, prefill=6)
+    assert rel_err(steps, full) <= 1e-5
+    assert cache.seen_tokens == 15
+    if layer.window is not None:
+        assert isinstance(cache, SlidingWindowKVCache) and cache.k.shape[1] == layer.window
+    else:
+        assert isinstance(cache, KVCache) and cache.length == 15
+
+
+@pytest.mark.parametrize("name", ["rope", "qwen3next", "alibi", "window", "t5"])
+def test_left_padded_batch_through_cache_equals_each_row_alone(name):
+    layer = make_layer(name, dtype=torch.float32)
+    x, _ = _inputs(name, t=14, dtype=torch.float32)
+    mask = torch.ones(2, 14, dtype=torch.bool)
+    mask[1, :5] = False  # row 1 has 9 real tokens, left padded by 5
+    with torch.no_grad():
+        steps, cache = _decode(layer, x, prefill=7, token_mask=mask)
+        alone0 = layer(x[0:1])
+        alone1 = layer(x[1:2, 5:])
+    assert rel_err(steps[0:1], alone0) <= 1e-5
+    assert rel_err(steps[1:2, 5:], alone1) <= 1e-5
+    assert torch.equal(steps[1, :5], torch.zeros(5, D_MODEL))
+    assert cache.real_tokens.tolist() == [14, 9]
+
+
+def test_sliding_window_cache_is_exact_and_bounded():
+    layer = make_layer("window", dtype=torch.float32)
+    x, _ = _inputs("window", t=40, dtype=torch.float32)
+    with torch.no_grad():
+        full = layer(x)
+        steps, cache = _decode(layer, x, prefill=9)
+    assert rel_err(steps, full) <= 1e-5
+    # the window matters (a full-attention layer with the same weights differs) and storage is W slots, not T
+    unwindowed = make_layer("window", dtype=torch.float32, window=None)
+    unwindowed.load_state_dict(layer.state_dict())
+    assert rel_err(unwindowed(x).detach(), full) > 1e-2
+    grow = unwindowed.new_cache(2)
+    with torch.no_grad():
+        _decode(unwindowed, x, prefill=9, cache=grow)
+    assert cache.nbytes() < grow.nbytes() / 4
+
+
+def test_cross_attention_with_memory_mask_and_cached_memory():
+    layer = make_layer("cross")
+    x, memory = _inputs("cross", t=6, tm=9)
+    memory_mask = torch.ones(2, 9, dtype=torch.bool)
+    memory_mask[0, 6:] = False
+    memory_mask[1, :2] = False
+    y = layer(x, memory=memory, memory_mask=memory_mask)
+    torch.testing.assert_close(y, reference(layer, x, memory=memory, memory_mask=memory_mask), rtol=1e-10, atol=1e-10)
+    # memory keys/values computed once, then reused by later calls (decoder steps) without passing memory
+    cache = layer.new_cache(2)
+    with torch.no_grad():
+        first = layer(x[:, :2], cache=cache, memory=memory, memory_mask=memory_mask)
+        later = [layer(x[:, i : i + 1], cache=cache) for i in range(2, 6)]
+    torch.testing.assert_close(torch.cat([first, *later], dim=1), y.detach(), rtol=1e-10, atol=1e-10)
+    assert cache.seen_tokens == 9
+
+
+def test_shared_t5_bias_gets_gradients_from_every_layer():
+    shared = T5RelativeBias(3, num_buckets=8, max_distance=12, bidirectional=False).double()
+    layers = [MultiHeadAttention(D_MODEL, 3, positions="t5", relative_bias=shared).double() for _ in range(2)]
+    assert layers[0].relative_bias is layers[1].relative_bias
+    x, _ = _inputs("t5")
+    h0 = layers[0](x)
+    y = layers[1](h0)
+    dy = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, [shared.weight], dy, retain_graph=True)
+    # the table's gradient is the sum of what each layer sends it: layer 1 directly, layer 0 through h0
+    (g1,) = torch.autograd.grad(layers[1](h0.detach()), [shared.weight], dy)
+    (dh0,) = torch.autograd.grad(y, [h0], dy)
+    (g0,) = torch.autograd.grad(h0, [shared.weight], dh0)
+    assert g0.abs().max() > 0 and g1.abs().max() > 0
+    torch.testing.assert_close(g, g0 + g1, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(d_model=30, n_heads=4), ValueError, "d_model: expected a multiple of n_heads=4"),
+        (dict(d_model=30, n_heads=6, n_kv_heads=4), ValueError, "n_heads"),
+        (dict(d_model=30, n_heads=3, positions="sinusoidal"), ValueError, "positions"),
+        (dict(d_model=30, n_heads=3, cross=True, positions="rope"), ValueError, "positions"),
+        (dict(d_model=30, n_heads=3, cross=True, causal=True), ValueError, "causal"),
+        (dict(d_model=30, n_heads=3, causal=False, window=4), ValueError, "window"),
+        (dict(d_model=30, n_heads=3, rotary_fraction=0.3), ValueError, "rotary_fraction"),
+        (dict(d_model=30, n_heads=3, n_kv_heads=0), ValueError, "n_kv_heads"),
+    ],
+)
+def test_constructor_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultiHeadAttention(**kwargs)
+
+
+def test_forward_validation():
+    layer = MultiHeadAttention(D_MODEL, 3)
+    with pytest.raises(ValueError, match="x: expected \\[B, T, d_model=30\\]"):
+        layer(torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match="x: expected 3 dimensions"):
+        layer(torch.randn(5, 30))
+    with pytest.raises(ValueError, match="memory"):
+        layer(torch.randn(2, 5, 30), memory=torch.randn(2, 3, 30))
+    with pytest.raises(TypeError, match="cache"):
+        layer(torch.randn(2, 5, 30), cache=object())
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(torch.randn(2, 5, 30), token_mask=torch.ones(2, 4, dtype=torch.bool))
+    encoder = MultiHeadAttention(D_MODEL, 3, causal=False)
+    with pytest.raises(ValueError, match="cache: incremental decoding needs causal"):
+        encoder(torch.randn(2, 5, 30), cache=encoder.new_cache(2))
+    cross = MultiHeadAttention(D_MODEL, 3, cross=True)
+    with pytest.raises(ValueError, match="memory"):
+        cross(torch.randn(2, 5, 30))
+    with pytest.raises(ValueError, match="memory: expected batch size 2"):
+        cross(torch.randn(2, 5, 30), memory=torch.randn(3, 4, 30))
