@@ -289,3 +289,29 @@ def test_forward_validation():
         cross(torch.randn(2, 5, 30))
     with pytest.raises(ValueError, match="memory: expected batch size 2"):
         cross(torch.randn(2, 5, 30), memory=torch.randn(3, 4, 30))
+
+
+@pytest.mark.slow  # importing transformers (and fla) costs ~40 s of CPU; models/test_qwen3_next covers CI
+@pytest.mark.needs_transformers
+def test_matches_transformers_qwen3_next_attention():
+    pytest.importorskip("transformers", reason="transformers is the peer this test compares against")
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
+
+    cfg = Qwen3NextConfig(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.25})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    peer = Qwen3NextAttention(cfg, layer_idx=3).eval()
+    with torch.no_grad():
+        for p in peer.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    layer = MultiHeadAttention(48, 4, n_kv_heads=2, head_dim=16, output_gate=True, qk_norm=True,
+                               zero_centered_norm=True, rotary_fraction=0.25, rope_theta=1000.0)
+    layer.load_state_dict(peer.state_dict())  # same parameter names and layouts: checkpoints load as they are
+    x = torch.randn(2, 11, 48)
+    pos = torch.arange(11).expand(2, 11)
+    cos_sin = Qwen3NextRotaryEmbedding(cfg)(x, pos)
+    causal = torch.full((11, 11), float("-inf")).triu(1).expand(2, 1, 11, 11)
+    expected, _ = peer(x, position_embeddings=cos_sin, attention_mask=causal)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
