@@ -23,26 +23,12 @@ from hybridattn.layers.cache import Cache, KVCache, SlidingWindowKVCache, check_
 from hybridattn.layers.norms import RMSNorm
 from hybridattn.layers.positions import T5RelativeBias
 from hybridattn.ops._checks import check_choice, check_heads_divisible, check_positive_int, check_tensor
-from hybridattn.ops.masks import MaskSpec, TensorMask
+from hybridattn.ops.masks import TensorMask
 from hybridattn.ops.positions import ALiBi, alibi_slopes, apply_rotary, rotary_dim
 from hybridattn.ops.softmax_attention import softmax_attention
+from hybridattn.ops.sparse_masks import sliding_window
 
 POSITIONS = ("rope", "alibi", "t5", "nope", "none")
-
-
-class SlidingWindow(MaskSpec):
-    """Query ``i`` (at key position ``i + Tk - Tq``) sees the ``window`` most recent keys, itself included:
-    ``pos_q - window < j``. Combine with a causal mask for the upper side."""
-
-    def __init__(self, window: int):
-        self.window = check_positive_int("window", window)
-
-    def mask_mod(self, q_len, kv_len):
-        offset, window = kv_len - q_len, self.window
-        return lambda b, h, q, k: (q + offset - k) < window
-
-    def __repr__(self):
-        return f"sliding_window({self.window})"
 
 
 class MultiHeadAttention(nn.Module):
@@ -216,7 +202,7 @@ class MultiHeadAttention(nn.Module):
                 q = apply_rotary(q, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
                 k = apply_rotary(k, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
             if cache is None:
-                key_valid = token_mask
+                key_valid = _drop_if_all(token_mask)
             else:
                 k, v, key_valid = cache.update(k, v, token_mask)
 
@@ -272,7 +258,7 @@ class MultiHeadAttention(nn.Module):
         if self.k_norm is not None:
             k = self.k_norm(k)
         if cache is None:
-            return k, v, memory_mask
+            return k, v, _drop_if_all(memory_mask)
         cache.clear()
         return cache.update(k, v, memory_mask)
 
@@ -281,7 +267,7 @@ class MultiHeadAttention(nn.Module):
         if key_valid is not None:
             specs.append(TensorMask(key_valid[:, None, None, :]))  # (B, 1, 1, Tk)
         if self.window is not None:
-            specs.append(SlidingWindow(self.window))
+            specs.append(sliding_window(self.window - 1))  # W keys: the query itself and W - 1 before it
         if not specs:
             return None
         mask = specs[0]
@@ -307,3 +293,8 @@ class MultiHeadAttention(nn.Module):
             if getattr(self, name):
                 parts.append(f"{name}={getattr(self, name)}")
         return ", ".join(parts)
+
+
+def _drop_if_all(valid: torch.Tensor | None) -> torch.Tensor | None:
+    # an all-True key mask changes nothing but would push SDPA off its fused causal path
+    return None if valid is None or bool(valid.all()) else valid
