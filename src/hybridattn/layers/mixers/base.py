@@ -31,6 +31,20 @@ def zero_padding(token_mask: torch.Tensor | None, *tensors: torch.Tensor):
     return tuple(out) if len(out) > 1 else out[0]
 
 
+def on_meta(t: torch.Tensor) -> bool:
+    """True for shape-only tensors (the memory planner builds layers on the ``meta`` device); initialisers skip
+    them because computing values there imports torch's compiler stack, seconds for nothing."""
+    return t.device.type == "meta"
+
+
+@torch.no_grad()
+def log_uniform_(param: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``param <- log(U(low, high))`` in place (the ``A_log`` init of Mamba2 and Gated DeltaNet)."""
+    if not on_meta(param):
+        param.uniform_(low, high).log_()
+    return param
+
+
 class LinearMixer(nn.Module):
     """Base of the linear mixers. Subclasses set ``d_model``, ``state_heads``, ``state_k_dim``, ``state_v_dim``,
     ``chunk_size`` and optionally ``conv1d`` (a :class:`ShortConvolution`, or None), then implement

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridattn.layers.mixers.base import LinearMixer, linear_config_sizes, zero_padding
+from hybridattn.layers.mixers.base import LinearMixer, linear_config_sizes, log_uniform_, zero_padding
 from hybridattn.layers.norms import GatedRMSNorm
 from hybridattn.layers.registry import register_mixer
 from hybridattn.layers.short_conv import ShortConvolution
@@ -58,7 +58,7 @@ class GatedDeltaNet(LinearMixer):
         self.conv1d = ShortConvolution(conv_dim, conv_size) if conv_size else None
         self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
         # A ~ U(0, 16) as in transformers' init; g = -A * softplus(.) so decays span fast to slow heads.
-        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(0, 16).log())
+        self.A_log = nn.Parameter(log_uniform_(torch.empty(num_v_heads), 0, 16))
         self.norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
 

@@ -1,0 +1,202 @@
+"""Memory planner: what a model's weights and inference caches cost at a given context, per layer kind, and what
+the same model would cost with softmax attention in every layer.
+
+    p = plan(ModelConfig.preset("qwen3-next-80b"), context=262_144, batch=1, dtype=torch.bfloat16)
+    p.cache_bytes, p.softmax_only.cache_bytes
+    print_plan(p)                                  # rich tables
+
+Numbers are exact, not estimates: the layers are built on the ``meta`` device (no memory) to count parameters,
+and every layer's ``new_cache`` is asked for its tensors. A KV cache holds, per row and slot, a key and a value
+of ``Hkv * D`` entries plus a validity flag (1 byte), and a per-row counter of real tokens (8 bytes);
+a sliding-window cache has ``W`` slots whatever the context; a ``RecurrentCache`` holds a state ``[H, Dk, Dv]``
+(float32) and a conv tail ``[K - 1, C]`` (model dtype) per row, also independent of the context.
+
+Shape legend: B batch, T context, H heads, D head dim, K conv kernel, C conv channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridattn.layers.cache import KVCache, RecurrentCache, SlidingWindowKVCache
+
+#: Context lengths of the seeds' attention-matrix table.
+SEED_CONTEXTS = (512, 4_096, 32_768)
+
+
+@dataclass
+class KindMemory:
+    """Totals over every layer using mixer ``mixer``."""
+
+    mixer: str
+    layers: int = 0
+    params: int = 0
+    kv_bytes: int = 0      # keys + values
+    state_bytes: int = 0   # recurrent states (and any other fixed-size tensor of a non-KV cache)
+    conv_bytes: int = 0    # short-conv tails
+    other_bytes: int = 0   # bookkeeping: slot validity, real-token counters
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.kv_bytes + self.state_bytes + self.conv_bytes + self.other_bytes
+
+
+@dataclass
+class MemoryPlan:
+    context: int
+    batch: int
+    dtype: torch.dtype
+    kinds: list[KindMemory]
+    params: int            # every parameter (embeddings included, tied ones once)
+    param_bytes: int       # params stored in `dtype`
+    softmax_only: "MemoryPlan | None" = None
+    attention_matrix: dict[int, int] = field(default_factory=dict)  # T -> bytes of one B x H x T x T matrix
+    cache_at: dict[int, int] = field(default_factory=dict)  # T -> this model's total cache bytes at context T
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(k.cache_bytes for k in self.kinds)
+
+
+def _cache_bytes(cache, context: int, kind: KindMemory) -> None:
+    """Add the bytes ``cache`` (an empty cache from ``new_cache``) will hold after ``context`` tokens."""
+    if isinstance(cache, (KVCache, SlidingWindowKVCache)):
+        slots = cache.window if isinstance(cache, SlidingWindowKVCache) else context
+        itemsize = torch.empty((), dtype=cache.dtype).element_size()
+        b = cache.batch_size
+        kind.kv_bytes += 2 * b * slots * cache.num_heads * cache.head_dim * itemsize
+        kind.other_bytes += b * slots + cache.real_tokens.numel() * cache.real_tokens.element_size()
+    elif isinstance(cache, RecurrentCache):
+        kind.state_bytes += cache.state.numel() * cache.state.element_size()
+        if cache.conv_tail is not None:
+            kind.conv_bytes += cache.conv_tail.numel() * cache.conv_tail.element_size()
+        kind.other_bytes += cache.real_tokens.numel() * cache.real_tokens.element_size()
+    else:  # a user cache: assume fixed size
+        kind.state_bytes += cache.nbytes()
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Make the in-place initialisers no-ops: on the meta device they only cost time (their first call imports
+    torch's decompositions, seconds), and the planner needs shapes, not values."""
+    names = ("normal_", "uniform_", "zeros_", "ones_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def _layer_plans(config, batch: int, dtype: torch.dtype):
+    """One meta-device block per distinct (mixer, feed-forward) pair: its parameter count and an empty cache.
+    Layers of the same pair are built from the same config, so they have the same sizes; building each of
+    them (48 MoE layers for Qwen3-Next-80B) would only cost time."""
+    from hybridattn.models.block import HybridBlock
+
+    built: dict[tuple[str, str], tuple[int, object]] = {}
+    out = []
+    with torch.device("meta"), _no_init():
+        for i, name in enumerate(config.layer_types):
+            key = (name, config.ffn_kind(i))
+            if key not in built:
+                block = HybridBlock(config, i)
+                cache = block.mixer.new_cache(batch, device="meta", dtype=dtype)
+                built[key] = (sum(p.numel() for p in block.parameters()), cache)
+            out.append((name, *built[key]))
+    return out
+
+
+def _kinds(layers, context: int) -> list[KindMemory]:
+    kinds: dict[str, KindMemory] = {}
+    for name, params, cache in layers:
+        kind = kinds.setdefault(name, KindMemory(name))
+        kind.layers += 1
+        kind.params += params
+        _cache_bytes(cache, context, kind)
+    return list(kinds.values())
+
+
+def plan(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16, *,
+         compare: bool = True) -> MemoryPlan:
+    """Parameters and cache bytes of ``config`` at ``context`` tokens for ``batch`` rows in ``dtype``.
+
+    Args:
+        config: a ``ModelConfig``.
+        context: tokens held by the caches (prompt + generated).
+        batch: rows decoded together.
+        dtype: dtype of the weights, KV entries and conv tails (recurrent states are float32).
+        compare: also plan the same model with ``config.softmax_mixer`` in every layer (``softmax_only``).
+
+    Raises:
+        ValueError / TypeError: non-positive ``context`` or ``batch``, a non-dtype ``dtype``.
+    """
+    from hybridattn.ops._checks import check_positive_int
+
+    check_positive_int("context", context)
+    check_positive_int("batch", batch)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype, received {type(dtype).__name__}")
+    layers = _layer_plans(config, batch, dtype)
+    d, v = config.d_model, config.vocab_size
+    params = sum(p for _, p, _ in layers) + v * d * (1 if config.tie_embeddings else 2) + d  # + final norm
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    contexts = sorted({*SEED_CONTEXTS, context})
+    result = MemoryPlan(
+        context=context, batch=batch, dtype=dtype, kinds=_kinds(layers, context), params=params,
+        param_bytes=params * itemsize,
+        attention_matrix={t: batch * config.attention.num_heads * t * t * itemsize for t in contexts},
+        cache_at={t: sum(k.cache_bytes for k in _kinds(layers, t)) for t in contexts},
+    )
+    if compare:
+        softmax = config.replace(layers=[config.softmax_mixer] * config.num_layers)
+        result.softmax_only = plan(softmax, context, batch, dtype, compare=False)
+    return result
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+def print_plan(p: MemoryPlan, *, title: str = "", console=None) -> None:
+    """Print the plan as rich tables: per layer kind, totals vs the softmax-only model, attention matrices."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    dt = str(p.dtype).replace("torch.", "")
+    t = Table(title=f"{title} memory at context {p.context:,}, batch {p.batch}, {dt}".strip())
+    for col in ("layer kind", "layers", "params", "KV cache", "recurrent state", "conv tail", "bookkeeping",
+                "cache total"):
+        t.add_column(col, justify="left" if col == "layer kind" else "right")
+    for k in p.kinds:
+        t.add_row(k.mixer, str(k.layers), f"{k.params:,}", format_bytes(k.kv_bytes), format_bytes(k.state_bytes),
+                  format_bytes(k.conv_bytes), format_bytes(k.other_bytes), format_bytes(k.cache_bytes))
+    t.add_row("total (+ embeddings)", str(sum(k.layers for k in p.kinds)), f"{p.params:,}",
+              *(format_bytes(sum(getattr(k, a) for k in p.kinds))
+                for a in ("kv_bytes", "state_bytes", "conv_bytes", "other_bytes", "cache_bytes")), style="bold")
+    console.print(t)
+    if p.softmax_only is not None:
+        s = p.softmax_only
+        c = Table(title="vs the same model with softmax attention in every layer")
+        for col in ("model", "params", "weights", "cache", "cache vs softmax-only"):
+            c.add_column(col, justify="left" if col == "model" else "right")
+        c.add_row("this model", f"{p.params:,}", format_bytes(p.param_bytes), format_bytes(p.cache_bytes),
+                  f"{p.cache_bytes / s.cache_bytes:.3f}x")
+        c.add_row("softmax only", f"{s.params:,}", format_bytes(s.param_bytes), format_bytes(s.cache_bytes), "1.000x")
+        console.print(c)
+    a = Table(title="attention-matrix memory of one softmax layer (B x H x T x T scores, materialised)")
+    for col in ("T", "one layer", "softmax layers of this model", "this model's whole cache at T"):
+        a.add_column(col, justify="right")
+    n_soft = sum(k.layers for k in p.kinds if k.kv_bytes)
+    for ctx, nbytes in p.attention_matrix.items():
+        a.add_row(f"{ctx:,}", format_bytes(nbytes), format_bytes(nbytes * n_soft), format_bytes(p.cache_at[ctx]))
+    console.print(a)
