@@ -1,5 +1,7 @@
+from hybridattn.ops.delta_rule import delta_rule, naive_recurrent_delta_rule
+from hybridattn.ops.gated_delta_rule import gated_delta_rule, naive_recurrent_gated_delta_rule
+from hybridattn.ops.softmax_attention import softmax_attention
 from hybridattn.ops.feature_maps import FavorPlusFeatures
 from hybridattn.ops.gla import gla
 from hybridattn.ops.linear_attention import linear_attention
 from hybridattn.ops.simple_gla import retention, simple_gla
-from hybridattn.ops.softmax_attention import softmax_attention

@@ -1,0 +1,351 @@
+"""Gated delta rule (Gated DeltaNet, the linear layer of Qwen3-Next) and, with no gate, the delta rule (DeltaNet).
+
+The recurrence every form implements, per value head, with a state ``S`` of shape ``[Dk, Dv]``::
+
+    S   <- exp(g_t) * S                       # forget (g_t <= 0 is a log-decay; no decay when g is None)
+    u_t  = beta_t * (v_t - S^T k_t)           # the delta: what the state mispredicts for k_t, scaled
+    S   <- S + k_t u_t^T                      # write the correction
+    o_t  = S^T (scale * q_t)
+
+Forms, side by side (all return ``(o, final_state)``):
+
+- ``naive_recurrent_gated_delta_rule``: the plain token loop above, in the inputs' dtype; the reference.
+- ``"recurrent"``: token by token with the state kept between calls, the decoding form. One step costs
+  ``O(H Dk Dv)`` whatever the number of tokens already consumed.
+- ``"parallel"``: the whole sequence as a single chunk of the chunk form; materialises the implicit ``T x T``
+  attention matrix and can return it (``return_attention=True``).
+- ``"chunk"``: chunkwise-parallel (WY/UT form). All intra-chunk work is batched over every chunk at once; only a
+  ``[Dk, Dk] @ [Dk, Dv]`` state hand-off per chunk is sequential. Training and prefill.
+
+Chunk form, per chunk of ``C`` tokens with ``gamma`` the chunk-local cumulative log-decay and ``S0`` the state at
+the chunk start (``L[i, j] = exp(gamma_i - gamma_j)`` for ``j <= i``, else 0; ``G = exp(gamma)``)::
+
+    A  = strict_lower(diag(beta) K K^T * L)
+    [W | U] = (I + A)^-1 [diag(beta G) K | diag(beta) V]       (one unit-lower-triangular solve)
+    P  = scale Q K^T * L                                        (inclusive of the diagonal)
+    O  = (scale diag(G) Q - P W) S0 + P U
+    S1 = (G_C I - Kd^T W) S0 + Kd^T U,    Kd = diag(exp(gamma_C - gamma)) K
+
+Every exponent is a difference of cumulative log-decays inside one chunk and is <= 0 (for g <= 0), so nothing
+overflows however long the sequence; positive exponents are masked before ``exp``.
+
+Shape legend: B batch, T tokens, Hk query/key heads, Hv value heads (GVA: ``Hv % Hk == 0``, value head ``h``
+reads key head ``h // (Hv // Hk)``), Dk key dim, Dv value dim, N packed sequences (``cu_seqlens``), C chunk size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybridattn.ops._checks import (
+    check_bthd,
+    check_choice,
+    check_cu_seqlens,
+    check_heads_divisible,
+    check_positive_int,
+    check_shape,
+    check_tensor,
+)
+
+MODES = ("chunk", "parallel", "recurrent")
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum x^2 + eps)`` over the last dim; the same epsilon as fla and transformers, so
+    ``use_qk_l2norm=True`` matches them."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Low-precision inputs accumulate the state in fp32 (as fla does); float64 stays float64 for references.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+def naive_recurrent_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False
+):
+    """The recurrence as a plain token loop, in the inputs' dtype (pass float64 for a reference).
+
+    Args:
+        q, k: ``[B, T, Hk, Dk]``. v: ``[B, T, Hv, Dv]``. g: ``[B, T, Hv]`` log-decay, or None for no decay.
+        beta: ``[B, T, Hv]``. scale: defaults to ``Dk ** -0.5``. initial_state: ``[B, Hv, Dk, Dv]`` or None.
+        output_final_state: return the state after the last token. use_qk_l2norm: L2-normalise q and k first.
+
+    Returns:
+        ``(o [B, T, Hv, Dv], final_state [B, Hv, Dk, Dv] or None)``.
+    """
+    b, t, hk, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    scale = dk**-0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q.repeat_interleave(hv // hk, dim=2)
+    k = k.repeat_interleave(hv // hk, dim=2)
+    s = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.to(q.dtype)
+    outs = []
+    for i in range(t):
+        if g is not None:
+            s = s * g[:, i].to(q.dtype).exp()[..., None, None]
+        pred = torch.einsum("bhk,bhkv->bhv", k[:, i], s)
+        u = beta[:, i].to(q.dtype)[..., None] * (v[:, i] - pred)
+        s = s + k[:, i, :, :, None] * u[:, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * scale, s))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(b, 0, hv, dv)
+    return o, (s if output_final_state else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recurrent (decoding) form
+# --------------------------------------------------------------------------------------------------------------
+def _recurrent(q, k, v, g, beta, scale, h0):
+    """Token loop on head-major tensors. q, k ``[B, Hk, T, Dk]``; v ``[B, Hv, T, Dv]``; g, beta ``[B, Hv, T]``.
+
+    GVA without copying q/k: the state is viewed ``[B, Hk, Hv/Hk, Dk, Dv]`` so one key head meets its group of
+    value heads by broadcasting.
+    """
+    b, hk, t, dk = k.shape
+    hv, dv = v.shape[1], v.shape[3]
+    grp = hv // hk
+    s = q.new_zeros(b, hk, grp, dk, dv) if h0 is None else h0.reshape(b, hk, grp, dk, dv)
+    v, beta = v.reshape(b, hk, grp, t, dv), beta.reshape(b, hk, grp, t)
+    decay = None if g is None else g.reshape(b, hk, grp, t).exp()
+    q = q * scale
+    outs = []
+    for i in range(t):
+        if decay is not None:
+            s = s * decay[..., i, None, None]
+        k_i = k[:, :, None, i, None, :]  # (B, Hk, 1, 1, Dk)
+        u = beta[..., i, None, None] * (v[:, :, :, i, None, :] - k_i @ s)  # (B, Hk, G, 1, Dv)
+        s = s + k_i.transpose(-1, -2) * u
+        outs.append((q[:, :, None, i, None, :] @ s).squeeze(-2))
+    o = torch.stack(outs, dim=3) if outs else v.new_zeros(b, hk, grp, 0, dv)
+    return o.reshape(b, hv, t, dv), s.reshape(b, hv, dk, dv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunk and parallel forms
+# --------------------------------------------------------------------------------------------------------------
+def _chunk(q, k, v, g, beta, scale, h0, chunk_size, *, return_attention=False):
+    """Chunkwise-parallel form on head-major tensors (q, k expanded to Hv heads).
+
+    q, k ``[B, H, T, Dk]``; v ``[B, H, T, Dv]``; g (or None), beta ``[B, H, T]``; h0 ``[B, H, Dk, Dv]`` or None.
+    Returns ``(o [B, H, T, Dv], final_state [B, H, Dk, Dv], attention [B, H, T, T] or None)``; ``attention`` is
+    only built when ``return_attention`` and needs ``chunk_size >= T`` (a single chunk).
+    """
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    c = chunk_size
+    pad = (-t) % c
+    if pad:
+        # Padded tokens have k = 0 and beta = 0, so they write nothing; with g = 0 they do not decay the state.
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        beta = torch.nn.functional.pad(beta, (0, pad))
+        g = None if g is None else torch.nn.functional.pad(g, (0, pad))
+    n = (t + pad) // c
+    if n == 0:
+        s = q.new_zeros(b, h, dk, dv) if h0 is None else h0
+        return v.new_zeros(b, h, 0, dv), s, (q.new_zeros(b, h, 0, 0) if return_attention else None)
+    q, k, v = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))  # (B, H, N, C, D)
+    beta = beta.reshape(b, h, n, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    q = q * scale
+    if g is None:
+        decay = causal.to(q.dtype)  # L: plain causal mask
+        wk, qk_read, kd = k * beta[..., None], q, k
+        last = None
+    else:
+        gam = g.reshape(b, h, n, c).cumsum(-1)  # chunk-local, so it stays bounded for any T
+        decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+        gexp = gam.exp()
+        wk, qk_read = k * (beta * gexp)[..., None], q * gexp[..., None]
+        kd = k * (gam[..., -1:] - gam).exp()[..., None]
+        last = gexp[..., -1]  # (B, H, N)
+    kt = k.transpose(-1, -2)
+    # The unit-lower-triangular solve reads only the strict lower triangle of `a`; the diagonal is implicitly 1.
+    a = (k @ kt) * decay * beta[..., :, None]
+    wu = torch.linalg.solve_triangular(a, torch.cat([wk, v * beta[..., None]], -1), upper=False, unitriangular=True)
+    p = (q @ kt) * decay  # (B, H, N, C, C)
+    p_wu = p @ wu
+    kd_wu = kd.transpose(-1, -2) @ wu  # (B, H, N, Dk, Dk + Dv)
+    q_eff = qk_read - p_wu[..., :dk]
+    o_intra = p_wu[..., dk:]
+    # State hand-off S_{n+1} = M_n S_n + R_n; only this [Dk, Dk] @ [Dk, Dv] product per chunk is sequential.
+    m = -kd_wu[..., :dk]
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    m = m + (eye if last is None else last[..., None, None] * eye)
+    m = m.permute(2, 0, 1, 3, 4).reshape(n, b * h, dk, dk)
+    r = kd_wu[..., dk:].permute(2, 0, 1, 3, 4).reshape(n, b * h, dk, dv)
+    s = q.new_zeros(b * h, dk, dv) if h0 is None else h0.reshape(b * h, dk, dv)
+    states = []
+    for i in range(n):
+        states.append(s)
+        s = torch.baddbmm(r[i], m[i], s)
+    starts = torch.stack(states, 1).reshape(b, h, n, dk, dv)
+    o = (q_eff @ starts + o_intra).reshape(b, h, n * c, dv)[:, :, :t]
+    attention = None
+    if return_attention:
+        # o = attention @ v (+ the initial state's read): attention = P (I + A)^-1 diag(beta).
+        eye_c = torch.eye(c, dtype=q.dtype, device=q.device)
+        inv_beta = torch.linalg.solve_triangular(a, eye_c * beta[..., None, :], upper=False, unitriangular=True)
+        attention = (p @ inv_beta)[:, :, 0, :t, :t]
+    return o, s.reshape(b, h, dk, dv), attention
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------
+def _check_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of q), received {x.device}")
+
+
+def _validate(q, k, v, g, beta, *, scale, initial_state, mode, chunk_size, cu_seqlens, return_attention):
+    """Check every argument; returns the number of sequences (B, or N when packed)."""
+    b, t, hk, dk = check_bthd("q", q)
+    check_bthd("k", k)
+    check_shape("k", k, q.shape)
+    vb, vt, hv, dv = check_bthd("v", v)
+    if (vb, vt) != (b, t):
+        raise ValueError(f"v: expected batch and length ({b}, {t}) like q, received shape {tuple(v.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), received {x.dtype}")
+        _check_device(name, x, q)
+    check_heads_divisible("v", hv, "q", hk)
+    # g and beta may be in another floating dtype (models compute gates in fp32 beside bf16 activations).
+    for name, x in (("g", g), ("beta", beta)):
+        if x is None and name == "g":
+            continue
+        check_tensor(name, x, ndim=3)
+        check_shape(name, x, (b, t, hv))
+        _check_device(name, x, q)
+    check_choice("mode", mode, MODES)
+    check_positive_int("chunk_size", chunk_size)
+    if return_attention and mode != "parallel":
+        raise ValueError(f"return_attention: expected mode='parallel' (the form that builds it), received {mode!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale: expected a float or None, received {type(scale).__name__}")
+    n = b
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, t, batch=b)
+        n = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ndim=4)
+        check_shape("initial_state", initial_state, (n, hv, dk, dv))
+        _check_device("initial_state", initial_state, q)
+    return n
+
+
+def _pack_index(cu_seqlens: torch.Tensor, device):
+    """(sequence id, position in sequence) of every packed token, and the longest length."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    pos = torch.arange(int(cu[-1]), device=device) - cu[seq]
+    return seq, pos, lengths.numel(), int(lengths.max())
+
+
+def _unpack(x: torch.Tensor, index) -> torch.Tensor:
+    """``[1, T, ...]`` packed -> ``[N, T_max, ...]``, zero-padded at the end of each sequence. Trailing zeros
+    (k = 0, beta = 0, g = 0) leave the state unchanged, so every form runs the padded batch as is."""
+    seq, pos, n, t_max = index
+    out = x.new_zeros(n, t_max, *x.shape[2:])
+    return out.index_put((seq, pos), x[0])
+
+
+def gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm=False,
+    mode="chunk",
+    chunk_size=64,
+    cu_seqlens=None,
+    return_attention=False,
+):
+    """Gated delta rule (Gated DeltaNet): ``S <- exp(g_t) S; u_t = beta_t (v_t - S^T k_t); S <- S + k_t u_t^T;
+    o_t = S^T (scale q_t)``. Signature as fla's ``chunk_gated_delta_rule``.
+
+    Args:
+        q, k: ``[B, T, Hk, Dk]``.
+        v: ``[B, T, Hv, Dv]``, ``Hv % Hk == 0`` (GVA: value head ``h`` reads key head ``h // (Hv // Hk)``).
+        g: ``[B, T, Hv]`` log-decay per token and value head (normally <= 0), or None for no decay (delta rule).
+        beta: ``[B, T, Hv]`` write strength, normally in (0, 1).
+        scale: query scale; default ``Dk ** -0.5``.
+        initial_state: ``[B, Hv, Dk, Dv]`` (``[N, Hv, Dk, Dv]`` with ``cu_seqlens``), or None for zeros.
+        output_final_state: also return the state after the last token (per sequence with ``cu_seqlens``).
+        use_qk_l2norm: L2-normalise q and k over Dk inside the op (eps 1e-6, as fla and transformers).
+        mode: ``"chunk"`` (training, prefill), ``"parallel"`` (quadratic, can return the attention matrix) or
+            ``"recurrent"`` (token loop; decoding).
+        chunk_size: tokens per chunk in ``"chunk"`` mode (16-128 is sensible; 64 by default).
+        cu_seqlens: ``[N + 1]`` int offsets of N sequences packed along T (flash-attn/fla varlen); needs B == 1.
+        return_attention: ``"parallel"`` only: also return the implicit attention matrix ``[B, Hv, T, T]``, with
+            ``o = attention @ v`` plus the initial state's read (block-diagonal over packed sequences).
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, Hv, Dv]`` in q's dtype; final_state ``[B|N, Hv, Dk, Dv]`` in float32
+        (float64 for float64 inputs), or None unless ``output_final_state``. With ``return_attention`` a third
+        item, the attention matrix.
+
+    Raises:
+        TypeError: a non-tensor or non-floating input, k/v dtype unlike q's, a non-int chunk_size.
+        ValueError: mismatched shapes or devices, ``Hv % Hk != 0``, an unknown mode, a bad ``cu_seqlens``,
+            ``return_attention`` outside parallel mode.
+    """
+    n = _validate(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, mode=mode, chunk_size=chunk_size,
+        cu_seqlens=cu_seqlens, return_attention=return_attention,
+    )
+    b, t, hk, dk = q.shape
+    hv = v.shape[2]
+    out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
+    scale = dk**-0.5 if scale is None else float(scale)
+    q, k, v, beta = q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt)
+    g = None if g is None else g.to(cdt)
+    h0 = None if initial_state is None else initial_state.to(cdt)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    index = None
+    if cu_seqlens is not None:
+        index = _pack_index(cu_seqlens, q.device)
+        q, k, v, beta = (_unpack(x, index) for x in (q, k, v, beta))
+        g = None if g is None else _unpack(g, index)
+    # (B, H, T, D) from here: matmuls over the last two dims.
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    beta = beta.transpose(1, 2)
+    g = None if g is None else g.transpose(1, 2)
+    attention = None
+    if mode == "recurrent":
+        o, final = _recurrent(q, k, v, g, beta, scale, h0)
+    else:
+        q, k = (x.repeat_interleave(hv // hk, dim=1) for x in (q, k))
+        size = max(q.shape[2], 1) if mode == "parallel" else chunk_size
+        o, final, attention = _chunk(q, k, v, g, beta, scale, h0, size, return_attention=return_attention)
+    o = o.transpose(1, 2)
+    if index is not None:
+        seq, pos = index[:2]
+        o = o[seq, pos][None]
+        if attention is not None:
+            attention = _pack_attention(attention, cu_seqlens)
+    o = o.to(out_dtype).contiguous()
+    final = final if output_final_state else None
+    return (o, final, attention) if return_attention else (o, final)
+
+
+def _pack_attention(attention: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[N, H, T_max, T_max]`` per-sequence matrices -> block-diagonal ``[1, H, T, T]`` over the packed tokens."""
+    bounds = cu_seqlens.tolist()
+    t = bounds[-1]
+    out = attention.new_zeros(1, attention.shape[1], t, t)
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        out[0, :, s:e, s:e] = attention[i, :, : e - s, : e - s]
+    return out
