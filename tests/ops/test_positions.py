@@ -120,7 +120,8 @@ def test_sinusoidal_matches_the_formula():
 
 def test_alibi_slopes_match_the_paper():
     # 8 heads: 1/2, 1/4, ..., 1/256 (Press et al., 2022, section 3)
-    torch.testing.assert_close(alibi_slopes(8, dtype=torch.float64), torch.tensor([2.0**-i for i in range(1, 9)], dtype=torch.float64))
+    expected8 = [2.0**-i for i in range(1, 9)]
+    torch.testing.assert_close(alibi_slopes(8, dtype=torch.float64), torch.tensor(expected8, dtype=torch.float64))
     # non-power-of-two: the 4-head slopes, then every other slope of the 8-head sequence
     expected6 = [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
     torch.testing.assert_close(alibi_slopes(6, dtype=torch.float64), torch.tensor(expected6, dtype=torch.float64))

@@ -106,7 +106,9 @@ class MultiHeadAttention(nn.Module):
         self.cross = bool(cross)
         self.causal = (not self.cross) if causal is None else bool(causal)
         if self.cross and self.causal:
-            raise ValueError("causal: cross-attention to a memory is not causal; expected causal=False or None, received True")
+            raise ValueError(
+                "causal: cross-attention to a memory is not causal; expected causal=False or None, received True"
+            )
         positions = ("nope" if self.cross else "rope") if positions is None else positions
         check_choice("positions", positions, POSITIONS)
         self.positions = "nope" if positions == "none" else positions
@@ -151,7 +153,9 @@ class MultiHeadAttention(nn.Module):
         device = self.k_proj.weight.device if device is None else device
         dtype = self.k_proj.weight.dtype if dtype is None else dtype
         if self.window is not None:
-            return SlidingWindowKVCache(batch_size, self.n_kv_heads, self.head_dim, self.window, device=device, dtype=dtype)
+            return SlidingWindowKVCache(
+                batch_size, self.n_kv_heads, self.head_dim, self.window, device=device, dtype=dtype
+            )
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
 
     def forward(
@@ -180,11 +184,8 @@ class MultiHeadAttention(nn.Module):
         """
         b, t = self._check_input("x", x)
         token_mask = check_token_mask(token_mask, b, t, x.device)
-        if cache is not None and not isinstance(cache, (KVCache, SlidingWindowKVCache)):
-            raise TypeError(f"cache: expected the KVCache from new_cache(), received {type(cache).__name__}")
-        if cache is not None and not (self.causal or self.cross):
-            # earlier tokens would have to see later ones, which a cache of the past cannot give them
-            raise ValueError("cache: incremental decoding needs causal self-attention; this layer has causal=False")
+        if cache is not None:
+            self._check_cache(cache)
 
         q, gate = self._queries(x)
         if self.cross:
@@ -231,6 +232,21 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{name}: expected [B, T, d_model={self.d_model}], received {tuple(x.shape)}")
         return x.shape[0], x.shape[1]
 
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, (KVCache, SlidingWindowKVCache)):
+            raise TypeError(f"cache: expected the KVCache from new_cache(), received {type(cache).__name__}")
+        if not (self.causal or self.cross):
+            # earlier tokens would have to see later ones, which a cache of the past cannot give them
+            raise ValueError("cache: incremental decoding needs causal self-attention; this layer has causal=False")
+        if isinstance(cache, SlidingWindowKVCache) and (self.window is None or cache.window < self.window):
+            # a ring buffer shorter than the attention span would silently drop keys the layer must see
+            expected = "a KVCache"
+            if self.window is not None:
+                expected += f" or a SlidingWindowKVCache of window >= {self.window}"
+            raise ValueError(
+                f"cache: expected {expected} for this layer, received a SlidingWindowKVCache of window {cache.window}"
+            )
+
     def _queries(self, x):
         b, t = x.shape[:2]
         if self.output_gate:
@@ -246,7 +262,9 @@ class MultiHeadAttention(nn.Module):
     def _memory_keys(self, memory, memory_mask, cache, batch):
         if memory is None:
             if not isinstance(cache, KVCache) or cache.seen_tokens == 0:
-                raise ValueError("memory: expected [B, Tm, d_model] for cross-attention (or a cache holding it), received None")
+                raise ValueError(
+                    "memory: expected [B, Tm, d_model] for cross-attention (or a cache holding it), received None"
+                )
             return cache.contents()
         self._check_input("memory", memory)
         if memory.shape[0] != batch:

@@ -107,6 +107,8 @@ class _KVBase(Cache):
         for name, x in (("k", k), ("v", v)):
             if x.device != self.device:
                 raise ValueError(f"{name}: expected device {self.device} (the cache's device), received {x.device}")
+            if x.dtype != self.dtype:
+                raise TypeError(f"{name}: expected dtype {self.dtype} (the cache's dtype), received {x.dtype}")
         token_mask = check_token_mask(token_mask, b, t, self.device)
         if token_mask is not None:
             self._has_padding = self._has_padding or not bool(token_mask.all())

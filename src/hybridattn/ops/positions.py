@@ -49,7 +49,9 @@ def _angle_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def sinusoidal_positions(positions: torch.Tensor, dim: int, *, base: float = 10000.0, dtype=torch.float32) -> torch.Tensor:
+def sinusoidal_positions(
+    positions: torch.Tensor, dim: int, *, base: float = 10000.0, dtype=torch.float32
+) -> torch.Tensor:
     """The fixed sinusoidal absolute encoding of "Attention Is All You Need" (sin on even, cos on odd channels).
 
     Args:
