@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hybridattn.layers.attention import MultiHeadAttention
 from hybridattn.layers.cache import KVCache, SlidingWindowKVCache
@@ -319,3 +321,40 @@ def test_matches_transformers_qwen3_next_attention():
     causal = torch.full((11, 11), float("-inf")).triu(1).expand(2, 1, 11, 11)
     expected, _ = peer(x, position_embeddings=cos_sin, attention_mask=causal)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@st.composite
+def _layer_case(draw):
+    n_kv = draw(st.integers(1, 2))
+    n_heads = n_kv * draw(st.sampled_from([1, 2, 4]))
+    positions = draw(st.sampled_from(["rope", "alibi", "t5", "nope"]))
+    options = dict(
+        n_heads=n_heads, n_kv_heads=n_kv, head_dim=2 * draw(st.integers(1, 6)), positions=positions,
+        output_gate=draw(st.booleans()), qk_norm=draw(st.booleans()),
+        window=draw(st.one_of(st.none(), st.integers(1, 6))),
+        rotary_fraction=draw(st.sampled_from([1.0, 0.5])) if positions == "rope" else 1.0,
+    )
+    if options["rotary_fraction"] == 0.5 and options["head_dim"] % 4:
+        options["head_dim"] *= 2
+    batch, length = draw(st.integers(1, 3)), draw(st.integers(1, 19))
+    pads = [draw(st.integers(0, length - 1)) for _ in range(batch)]
+    chunks = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    return options, batch, length, pads, chunks
+
+
+@given(_layer_case())
+def test_random_layers_and_chunkings_match_reference(case):
+    options, batch, length, pads, chunks = case
+    torch.manual_seed(3)
+    layer = MultiHeadAttention(D_MODEL, **options).double()
+    x = torch.randn(batch, length, D_MODEL, dtype=torch.float64)
+    mask = torch.arange(length).expand(batch, length) >= torch.tensor(pads)[:, None]  # left padding
+    expected = reference(layer, x, token_mask=mask)
+    torch.testing.assert_close(layer(x, token_mask=mask), expected, rtol=1e-10, atol=1e-10)
+    cache, outs, start, i = layer.new_cache(batch), [], 0, 0
+    with torch.no_grad():
+        while start < length:  # calls of varying sizes: chunked prefill, then decode steps
+            end = min(length, start + chunks[i % len(chunks)])
+            outs.append(layer(x[:, start:end], cache=cache, token_mask=mask[:, start:end]))
+            start, i = end, i + 1
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected, rtol=1e-10, atol=1e-10)
