@@ -264,6 +264,8 @@ def test_shared_t5_bias_gets_gradients_from_every_layer():
         (dict(d_model=30, n_heads=3, causal=False, window=4), ValueError, "window"),
         (dict(d_model=30, n_heads=3, rotary_fraction=0.3), ValueError, "rotary_fraction"),
         (dict(d_model=30, n_heads=3, n_kv_heads=0), ValueError, "n_kv_heads"),
+        (dict(d_model=30, n_heads=3, relative_bias=T5RelativeBias(3)), ValueError, "relative_bias: only used"),
+        (dict(d_model=30, n_heads=3, positions="t5", relative_bias=T5RelativeBias(2)), ValueError, "relative_bias"),
     ],
 )
 def test_constructor_validation(kwargs, error, match):

@@ -134,13 +134,17 @@ class MultiHeadAttention(nn.Module):
         if qk_norm:
             self.q_norm = RMSNorm(hd, eps=norm_eps, zero_centered=zero_centered_norm)
             self.k_norm = RMSNorm(hd, eps=norm_eps, zero_centered=zero_centered_norm)
+        if relative_bias is not None and self.positions != "t5":
+            raise ValueError(f"relative_bias: only used with positions='t5', received positions={positions!r}")
         self.relative_bias = None
         if self.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
         elif self.positions == "t5":
-            self.relative_bias = relative_bias or T5RelativeBias(
-                n_heads, num_buckets=t5_num_buckets, max_distance=t5_max_distance, bidirectional=not self.causal
-            )
+            if relative_bias is None:
+                relative_bias = T5RelativeBias(
+                    n_heads, num_buckets=t5_num_buckets, max_distance=t5_max_distance, bidirectional=not self.causal
+                )
+            self.relative_bias = relative_bias
             if self.relative_bias.num_heads != n_heads:
                 raise ValueError(
                     f"relative_bias: expected {n_heads} heads (n_heads), received {self.relative_bias.num_heads}"
