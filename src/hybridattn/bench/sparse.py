@@ -1,0 +1,136 @@
+"""Benchmark: sparse softmax attention (``python -m hybridattn.bench.sparse``).
+
+Targets (issue 4), each printed as a ratio measured in this run with PASS / MISS:
+
+- sliding window W=512, causal, T=16,384, H=8, D=64, fp32, forward + backward: at least 6x faster than dense
+  causal SDPA, with at most 1/8 of its peak memory;
+- the same window's time grows linearly from T=4K to 64K (time per token at the longest length within 1.5x of
+  that at the shortest; the table is printed);
+- Longformer (window 256 on each side + 16 global tokens) and BigBird (window 1 block, 2 global blocks, 3 random
+  blocks of 64) at T=16K, forward: time within 1.5x of ``kept pairs * 4 * D`` FLOPs at the same run's fp32
+  matmul throughput.
+
+Planning (block layout and tile masks) is done once per spec and length, as a layer does, and is timed apart.
+``--quick`` runs the same code at small sizes (a smoke test; its ratios are not the targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hybridattn.bench.measure import (
+    TargetRow, default_device, format_bytes, matmul_flops_per_second, median_time, peak_memory, print_table,
+    print_targets,
+)
+from hybridattn.ops import masks
+from hybridattn.ops.block_sparse_attention import block_sparse_attention, cached_plan
+
+
+def _inputs(t, heads, dim, device, *, grad):
+    return [torch.randn(1, t, heads, dim, device=device, requires_grad=grad) for _ in range(3)]
+
+
+def _sparse_step(spec, q, k, v, block, *, backward):
+    t = q.shape[1]
+    plan = cached_plan(spec, t, t, block, block, device=q.device)
+
+    def step():
+        o = block_sparse_attention(q, k, v, spec, block_q=block, block_k=block, plan=plan)
+        if backward:
+            o.sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    return step
+
+
+def _dense_causal_step(q, k, v):
+    def step():
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        o.sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--length", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--block", type=int, default=128, help="tile size of the block-sparse kernel")
+    p.add_argument("--scaling", type=str, default="4096,8192,16384,32768,65536")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable numbers on an oversubscribed machine)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.length, args.window, args.block, args.scaling, args.repeats = 1024, 128, 64, "512,1024,2048", 1
+    dev = default_device(args.device)
+    t, h, d, w, blk = args.length, args.heads, args.dim, args.window, args.block
+    torch.manual_seed(0)
+    rows: list[TargetRow] = []
+
+    # 1. sliding window vs dense causal SDPA, forward + backward
+    window = masks.sliding_window(w) & masks.causal()
+    q, k, v = _inputs(t, h, d, dev, grad=True)
+    start = time.perf_counter()
+    sparse = _sparse_step(window, q, k, v, blk, backward=True)
+    plan_s = time.perf_counter() - start
+    dense = _dense_causal_step(q, k, v)
+    t_sparse = median_time(sparse, repeats=args.repeats, warmup=1, device=dev)
+    t_dense = median_time(dense, repeats=args.repeats, warmup=1, device=dev)
+    m_sparse, m_dense = peak_memory(sparse, device=dev), peak_memory(dense, device=dev)
+    rows.append(TargetRow(f"window {w} causal T={t} fwd+bwd: speed-up vs dense causal SDPA", ">= 6x",
+                          f"{t_dense:.2f} s / {t_sparse:.2f} s (plan {plan_s:.2f} s once)", t_dense / t_sparse, 6.0))
+    rows.append(TargetRow(f"window {w} causal T={t} fwd+bwd: peak memory / dense", "<= 1/8",
+                          f"{format_bytes(m_sparse)} / {format_bytes(m_dense)}", m_sparse / max(m_dense, 1), 1 / 8,
+                          higher_is_better=False))
+    del q, k, v
+
+    # 2. linear growth with T
+    lengths = [int(x) for x in args.scaling.split(",")]
+    table, per_token = [], []
+    for n in lengths:
+        q, k, v = _inputs(n, h, d, dev, grad=True)
+        seconds = median_time(_sparse_step(window, q, k, v, blk, backward=True), repeats=args.repeats, warmup=1,
+                              device=dev)
+        per_token.append(seconds / n)
+        table.append((n, f"{seconds:.3f}", f"{1e6 * seconds / n:.1f}", f"{per_token[-1] / per_token[0]:.2f}"))
+        del q, k, v
+    print_table(f"sliding window {w} causal, fwd+bwd, H={h} D={d} fp32 on {dev}",
+                ("T", "seconds", "us / token", "per-token vs first"), table)
+    rows.append(TargetRow(f"window {w}: time per token T={lengths[-1]} vs T={lengths[0]}", "<= 1.5 (linear)",
+                          f"{1e6 * per_token[-1]:.1f} vs {1e6 * per_token[0]:.1f} us", per_token[-1] / per_token[0],
+                          1.5, higher_is_better=False))
+
+    # 3. Longformer and BigBird vs matmul throughput, forward
+    flops = matmul_flops_per_second(torch.float32, dev)
+    specs = {
+        "Longformer (window 256 + 16 global)": masks.longformer(256, list(range(16))),
+        "BigBird (window 1, 2 global, 3 random, block 64)": masks.bigbird(1, 2, 3, block=64, seed=0),
+    }
+    for name, spec in specs.items():
+        q, k, v = _inputs(t, h, d, dev, grad=False)
+        block = 64 if "BigBird" in name else blk
+        seconds = median_time(_sparse_step(spec, q, k, v, block, backward=False), repeats=args.repeats, warmup=1,
+                              device=dev)
+        ideal = spec.kept_pairs(t, t) * h * 4 * d / flops
+        rows.append(TargetRow(f"{name} T={t} fwd: time / (pairs * 4D / matmul FLOP/s)", "<= 1.5x",
+                              f"{seconds:.3f} s vs ideal {ideal:.3f} s ({flops / 1e9:.0f} GFLOP/s)",
+                              seconds / ideal, 1.5, higher_is_better=False))
+        del q, k, v
+    ok = print_targets(f"sparse attention targets (T={t}, H={h}, D={d}, fp32, {dev})", rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Block-sparse kernel: outputs and gradients against the float64 dense masked reference."""
+
+import pytest
+import torch
+
+from hybridattn.ops import masks
+from hybridattn.ops.block_sparse_attention import (
+    block_sparse_attention, cached_plan, gather_rows, inverse_index, plan_blocks,
+)
+from hybridattn.ops.softmax_attention import softmax_attention
+
+
+def _reference(q, k, v, spec, scale=None):
+    return softmax_attention(q.double(), k.double(), v.double(), mask=spec, scale=scale, backend="naive")
+
+
+def _compare(spec, *, b=2, tq=45, tk=45, hq=4, hkv=2, d=12, dv=10, block_q=8, block_k=16):
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(b, tq, hq, d, generator=gen, requires_grad=True)
+    k = torch.randn(b, tk, hkv, d, generator=gen, requires_grad=True)
+    v = torch.randn(b, tk, hkv, dv, generator=gen, requires_grad=True)
+    out = block_sparse_attention(q, k, v, spec, block_q=block_q, block_k=block_k)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = _reference(q64, k64, v64, spec)
+    grad = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, a, w in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+SPECS = {
+    "window-causal": lambda: masks.sliding_window(9) & masks.causal(),
+    "window-both": lambda: masks.sliding_window(6, 3),
+    "dilated": lambda: masks.dilated(20, 3) & masks.causal(),
+    "strided": lambda: masks.strided(5) & masks.causal(),
+    "fixed": lambda: masks.fixed(10, 2),
+    "longformer-padding": lambda: masks.longformer(5, [0, 30]) & masks.padding(torch.tensor([45, 28])),
+    "bigbird": lambda: masks.bigbird(1, 1, 2, block=8, seed=1),
+    "bigbird-causal": lambda: masks.bigbird(1, 1, 2, block=8, seed=1) & masks.causal(),
+    "global-document": lambda: masks.global_tokens([3]) & masks.document([0, 20, 45]),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_matches_dense_reference_gqa_odd_lengths(name):
+    spec = SPECS[name]()
+    b = 1 if "document" in name else 2
+    _compare(spec, b=b)
+
+
+def test_per_head_layout_tiles_smaller_than_layout_blocks():
+    gen = torch.Generator().manual_seed(3)
+    layout = torch.rand(4, 6, 6, generator=gen) > 0.6
+    layout |= torch.eye(6, dtype=torch.bool)
+    _compare(masks.block_sparse(layout, block=8), tq=43, tk=43, hq=4, hkv=1, block_q=5, block_k=7)
+
+
+def test_cross_attention_and_decode_lengths():
+    _compare(masks.sliding_window(7) & masks.causal(), tq=9, tk=40)
+    _compare(masks.sliding_window(7), tq=1, tk=33, block_q=4)
+
+
+def test_no_mask_is_full_attention():
+    _compare(None, tq=21, tk=30, block_q=16, block_k=16)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradient():
+    spec = masks.sliding_window(3) & masks.causal()
+    q = torch.randn(1, 20, 2, 8, requires_grad=True)  # Tq > Tk: the first 8 rows see no key
+    k = torch.randn(1, 12, 2, 8, requires_grad=True)
+    v = torch.randn(1, 12, 2, 8, requires_grad=True)
+    out = block_sparse_attention(q, k, v, spec, block_q=4, block_k=4)
+    out.sum().backward()
+    assert torch.equal(out[:, :8], torch.zeros_like(out[:, :8]))
+    assert torch.equal(q.grad[:, :8], torch.zeros_like(q.grad[:, :8]))
+    torch.testing.assert_close(out[:, 8:].double(), _reference(q, k, v, spec)[:, 8:], rtol=1e-5, atol=1e-5)
+
+
+def test_cost_scales_with_kept_pairs():
+    t, w, blk = 4096, 256, 64
+    spec = masks.sliding_window(w) & masks.causal()
+    plan = plan_blocks(spec, t, t, blk, blk)
+    kept = spec.kept_pairs(t, t)
+    # each query block reads its own block and the w / blk blocks before it: kept pairs rounded up to tiles
+    assert plan.computed_pairs() == t * blk * (w // blk + 1) - blk * blk * (w // blk) * (w // blk + 1) // 2
+    assert plan.computed_pairs() < 1.3 * kept < 0.15 * t * t
+
+
+def test_plan_reuse_and_validation():
+    spec = masks.sliding_window(5)
+    q = torch.randn(1, 30, 2, 8)
+    plan = cached_plan(spec, 30, 30, 8, 8)
+    assert cached_plan(spec, 30, 30, 8, 8) is plan
+    out = block_sparse_attention(q, q, q, spec, block_q=8, block_k=8, plan=plan)
+    torch.testing.assert_close(out.double(), _reference(q, q, q, spec), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="plan"):
+        block_sparse_attention(q[:, :20], q[:, :20], q[:, :20], spec, block_q=8, block_k=8, plan=plan)
+    with pytest.raises(ValueError, match="block_q"):
+        block_sparse_attention(q, q, q, spec, block_q=0)
+    with pytest.raises(ValueError, match="q: expected a head count"):
+        block_sparse_attention(torch.randn(1, 30, 3, 8), q, q, spec)
+
+
+def test_gather_rows_backward_equals_index_add():
+    idx = torch.tensor([3, 0, 3, 1, 3, 0])
+    inv = inverse_index(idx, 5)
+    assert inv.shape == (5, 3)
+    src = torch.randn(2, 5, 4, requires_grad=True)
+    grad = torch.randn(2, 6, 4)
+    (g,) = torch.autograd.grad(gather_rows(src, idx, inv), src, grad)
+    expected = torch.zeros(2, 5, 4).index_add_(1, idx, grad)
+    torch.testing.assert_close(g, expected)
