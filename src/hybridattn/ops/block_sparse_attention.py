@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hybridattn.ops._checks import check_bthd, check_heads_divisible, check_positive_int, check_same
+from hybridattn.ops._checks import check_positive_int, check_qkv
 from hybridattn.ops.masks import EMPTY, FULL, Causal, MaskSpec, as_mask_spec
 
 __all__ = ["BlockGroup", "BlockPlan", "block_sparse_attention", "cached_plan", "plan_blocks"]
@@ -225,16 +225,7 @@ def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: f
     Raises:
         TypeError / ValueError: invalid tensors, head counts, mask, or tile sizes (the message names the argument).
     """
-    b, tq, hq, d = check_bthd("q", q)
-    bk_, tk, hkv, dk = check_bthd("k", k)
-    bv, tv, hv, dv = check_bthd("v", v)
-    check_same("k", "q", k, q)
-    check_same("v", "q", v, q)
-    if (bk_, dk) != (b, d):
-        raise ValueError(f"k: expected [B={b}, Tk, Hkv, D={d}] to match q, received shape {tuple(k.shape)}")
-    if (bv, tv, hv) != (b, tk, hkv):
-        raise ValueError(f"v: expected [B={b}, Tk={tk}, Hkv={hkv}, Dv] to match k, received shape {tuple(v.shape)}")
-    check_heads_divisible("q", hq, "k", hkv)
+    b, tq, hq, d, tk, hkv, dv = check_qkv(q, k, v)
     check_positive_int("block_q", block_q)
     check_positive_int("block_k", block_k)
     spec = None if mask is None else as_mask_spec(mask, "mask")
