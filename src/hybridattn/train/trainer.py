@@ -2,8 +2,8 @@
 
 Any ``nn.Module`` that maps ``input_ids [B, T]`` to ``logits [B, T, V]`` can be trained on any task. The
 loss is the cross-entropy at the scored positions only (``TaskBatch.mask``); a model whose ``forward``
-accepts ``logits_positions`` (a bool ``[B, T]`` mask, as ``HybridLM`` does) computes logits only there,
-which for MQAR (a few scored positions, vocabularies of thousands) skips most of the output layer.
+accepts ``logits_at`` (positions ``[B, P]``, as ``HybridLM`` does) computes logits only there, which for
+MQAR (a few scored positions, vocabularies of thousands) skips most of the output layer.
 
 Determinism: batch ``i`` is drawn from the task with a seed derived from ``(config.seed, i)``, the model and
 optimizer are restored from a checkpoint with RNG states, and the learning rate is a pure function of the
@@ -83,18 +83,24 @@ def batch_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
-def _accepts_logits_positions(model: nn.Module) -> bool:
+def _accepts_logits_at(model: nn.Module) -> bool:
     try:
-        return "logits_positions" in inspect.signature(unwrap(model).forward).parameters
+        return "logits_at" in inspect.signature(unwrap(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
 
 def scored_logits(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
-    """Logits at the scored positions, ``[S, V]`` in row-major order of ``batch.mask``."""
-    if _accepts_logits_positions(model):
-        out = model(batch.inputs, logits_positions=batch.mask)
-        return out if out.dim() == 2 else out[batch.mask]
+    """Logits at the scored positions, ``[S, V]`` in row-major order of ``batch.mask``.
+
+    When every row has the same number ``P`` of scored positions (true of every built-in task) and the model
+    accepts ``logits_at``, only those ``[B, P]`` positions go through the output layer.
+    """
+    counts = batch.mask.sum(1)
+    if _accepts_logits_at(model) and bool((counts == counts[0]).all()):
+        positions = batch.mask.nonzero()[:, 1].view(batch.mask.shape[0], -1)       # (B, P), sorted per row
+        logits = model(batch.inputs, logits_at=positions)                          # (B, P, V)
+        return logits.reshape(-1, logits.shape[-1])
     return model(batch.inputs)[batch.mask]
 
 
@@ -122,7 +128,7 @@ class Trainer:
     """Train ``model`` on ``task``.
 
     Args:
-        model: maps int64 ``[B, T]`` to logits ``[B, T, V]`` (optionally accepting ``logits_positions``).
+        model: maps int64 ``[B, T]`` to logits ``[B, T, V]`` (optionally accepting ``logits_at``).
         task: any :class:`~hybridattn.tasks.base.Task`.
         config: a :class:`TrainConfig`.
         checkpoint_dir: where checkpoints go and where a run resumes from (None: no checkpoints).

@@ -1,0 +1,83 @@
+"""The arena: the smoke preset end to end through the CLI, summaries, the thesis check, TOML sweeps."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hybridattn.cli import main
+from hybridattn.train.arena import ArenaConfig, check_thesis, preset, summarize
+
+
+def test_smoke_preset_through_the_cli_writes_every_output(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert main(["arena", "--preset", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "results.json").read_text())
+    cfg = preset("smoke")
+    assert [r["model"] for r in results["runs"]] == [m["label"] for m in cfg.models]
+    by_model = {r["model"]: r for r in results["runs"]}
+    assert by_model["attention"]["ratio"] == "0:4" and by_model["gated_deltanet"]["ratio"] == "4:0"
+    assert by_model["gated_deltanet 3:1"]["layer_types"] == ["gated_deltanet"] * 3 + ["attention"]
+    for r in results["runs"]:
+        assert 0 <= r["accuracy"] <= 1 and math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        assert len(r["curve"]) == cfg.train["steps"]
+        inf = r["inference"]
+        assert inf["contexts"] == [64, 128] and all(s > 0 for s in inf["decode_s"] + inf["prefill_s"])
+        assert inf["peak_memory_bytes"] > 0
+    # linear state does not grow with the context; a KV cache does, by exactly the extra entries
+    lin, att = by_model["gated_deltanet"]["inference"], by_model["attention"]["inference"]
+    assert lin["cache_bytes"][0] == lin["cache_bytes"][1] == lin["cache_bytes_eval"]
+    assert att["cache_bytes"][1] > att["cache_bytes"][0] > lin["cache_bytes"][0]
+    assert [t["name"] for t in results["thesis"]] == [
+        "attention accuracy", "attention - gated_deltanet", "attention - gated_deltanet 3:1"]
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "gated_deltanet 3:1" in html
+    for name in ("accuracy_vs_state.png", "accuracy.png", "inference.png", "learning_curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "models" / "mqar-attention-32" / "model.safetensors").exists()
+
+
+def _run(model, seed, acc, width=64, task="mqar"):
+    inf = {"contexts": [8], "decode_s": [1e-3], "prefill_s": [1e-3], "cache_bytes": [10], "cache_bytes_eval": 10,
+           "peak_memory_bytes": 100}
+    return {"task": task, "model": model, "width": width, "seed": seed, "ratio": "1:1", "params": 5,
+            "accuracy": acc, "loss": 1.0, "tokens_per_s": 10.0, "inference": inf}
+
+
+def test_summary_statistics_and_thesis_check():
+    runs = [_run("attn", 0, 0.96), _run("attn", 1, 1.0), _run("lin", 0, 0.5), _run("lin", 1, 0.7),
+            _run("hyb", 0, 0.95), _run("hyb", 1, 0.97)]
+    rows = {r["model"]: r for r in summarize(runs)}
+    assert rows["attn"]["accuracy_mean"] == pytest.approx(0.98)
+    assert rows["attn"]["accuracy_std"] == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+    assert (rows["lin"]["accuracy_min"], rows["lin"]["accuracy_max"]) == (0.5, 0.7)
+    thesis = check_thesis(list(rows.values()), {"task": "mqar", "full": "attn", "linear": "lin", "hybrid": "hyb"})
+    assert [t["passed"] for t in thesis] == [True, True, True]
+    assert thesis[1]["measured"] == pytest.approx(0.38) and thesis[2]["measured"] == pytest.approx(0.02)
+    rows["hyb"]["accuracy_mean"] = 0.94
+    assert [t["passed"] for t in check_thesis(list(rows.values()),
+            {"task": "mqar", "full": "attn", "linear": "lin", "hybrid": "hyb"})] == [True, True, False]
+
+
+def test_toml_config_and_validation(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text('name = "mine"\nwidths = [32, 64]\nseeds = 2\n'
+                    '[[tasks]]\nname = "copying"\nseq_len = 16\n'
+                    '[[models]]\nlabel = "gla 3:1"\nhybrid = "3:1"\nlinear_mixer = "gla"\n'
+                    '[train]\nsteps = 5\n')
+    cfg = ArenaConfig.from_toml(path)
+    assert cfg.widths == [32, 64] and cfg.tasks == [{"name": "copying", "seq_len": 16}]
+    assert cfg.models[0]["linear_mixer"] == "gla" and cfg.train == {"steps": 5}
+    path.write_text("widthz = [1]\n")
+    with pytest.raises(ValueError, match="widthz"):
+        ArenaConfig.from_toml(path)
+    with pytest.raises(ValueError, match="seeds"):
+        ArenaConfig(seeds=0)
+    with pytest.raises(ValueError, match="lr"):
+        ArenaConfig(train={"lr": -1.0})
+    with pytest.raises(ValueError, match="preset"):
+        preset("huge")
