@@ -88,11 +88,11 @@ class FavorPlusFeatures:
         m, d = self.num_features, self.head_dim
         if not self.orthogonal:
             return torch.randn(m, d, generator=gen, dtype=torch.float64)
-        blocks = []
-        for _ in range(-(-m // d)):
-            q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-            blocks.append(q.T)  # rows orthonormal
-        rows = torch.cat(blocks)[:m]
+        q, r = torch.linalg.qr(torch.randn(-(-m // d), d, d, generator=gen, dtype=torch.float64))
+        # QR's sign convention makes Q depend on the sign pattern of R; fixing diag(R) > 0 makes each Q
+        # Haar-distributed, so every row is uniform on the sphere and the estimator stays unbiased
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        rows = q.transpose(-1, -2).reshape(-1, d)[:m]  # blocks of d orthonormal rows
         # orthonormal rows have norm 1; Gaussian rows have chi(D) norms, which the estimator's variance assumes
         norms = torch.randn(m, d, generator=gen, dtype=torch.float64).norm(dim=1, keepdim=True)
         return rows * norms
