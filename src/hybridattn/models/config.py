@@ -66,6 +66,11 @@ class AttentionConfig:
         _check_choice("attention.position", self.position, ("rope", "alibi", "t5", "none"))
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise _err("attention.partial_rotary_factor", "a float in (0, 1]", self.partial_rotary_factor)
+        rotated = int(self.dim(d_model) * self.partial_rotary_factor)
+        if self.position == "rope" and (rotated == 0 or rotated % 2):
+            raise _err("attention.partial_rotary_factor",
+                       f"a fraction of head_dim={self.dim(d_model)} giving an even, positive channel count",
+                       self.partial_rotary_factor)
         if self.window is not None:
             _check_int("attention.window", self.window)
 
