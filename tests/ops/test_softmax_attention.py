@@ -1,5 +1,6 @@
 """Every softmax backend against the float64 naive reference: outputs and input gradients."""
 
+import importlib
 import math
 
 import pytest
@@ -8,7 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hybridattn.ops import masks
-from hybridattn.ops.softmax_attention import DENSE_LIMIT, choose_backend, softmax_attention
+from hybridattn.bench.measure import peak_memory
+from hybridattn.ops.masks import Causal
+from hybridattn.ops.scores import TensorBias
+from hybridattn.ops.softmax_attention import DENSE_LIMIT, choose_backend, naive_attention, softmax_attention
+from hybridattn.ops.tiled_attention import tiled_attention
 
 TOL = 1e-5  # relative error for fp32, max |x - ref| / max |ref|, outputs and gradients
 
@@ -121,7 +126,29 @@ def test_auto_matches_naive(s):
     compare_to_naive(lambda *x, **o: softmax_attention(*x, backend="auto", **o), *_unpack(s), seed=s["seed"])
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@given(SHAPES, st.integers(1, 16), st.integers(1, 16), st.sampled_from([1, 3, 8]))
+def test_tiled_matches_naive(s, block_q, block_k, chunk_blocks):
+    """Small blocks so that odd lengths cut tiles in every place; chunks merge up to ``chunk_blocks`` blocks."""
+    b, _, _, hq = _unpack(s)[:4]
+
+    def tiled(q, k, v, **opts):
+        # route through softmax_attention's validation, then call the tiled kernel with test-sized blocks
+        def small_blocks(q, k, v, **kw):
+            return tiled_attention(q, k, v, block_q=block_q, block_k=block_k,
+                                   tile_elems=q.shape[0] * q.shape[2] * block_q * block_k * chunk_blocks, **kw)
+
+        sa = importlib.import_module("hybridattn.ops.softmax_attention")  # the package re-exports the function
+        saved = sa.BACKENDS["tiled"]
+        sa.BACKENDS["tiled"] = small_blocks
+        try:
+            return softmax_attention(q, k, v, backend="tiled", **opts)
+        finally:
+            sa.BACKENDS["tiled"] = saved
+
+    compare_to_naive(tiled, *_unpack(s), seed=s["seed"])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "tiled", "auto"])
 @pytest.mark.parametrize("kind", ["causal", "padding", "document"])
 def test_long_odd_length_1000(backend, kind):
     compare_to_naive(lambda *x, **o: softmax_attention(*x, backend=backend, **o), 1, 1000, 1000, 2, 1, 60, 60, kind)
@@ -134,7 +161,7 @@ def test_cross_attention_causal_is_bottom_right():
     assert torch.equal(w[0, 0] > 0, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).bool())
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "tiled", "auto"])
 def test_fully_masked_rows_give_zeros_and_zero_grads(backend):
     # Tq > Tk with causal: the first Tq - Tk query rows see no key at all
     q, k, v = make_qkv(2, 6, 4, 2, 1, 16, 8)
@@ -164,13 +191,13 @@ def test_hand_computed_two_keys():
     q = torch.tensor([[[[1.0]]]], dtype=torch.float64)
     k = torch.tensor([[[[0.0]], [[math.log(3.0)]]]], dtype=torch.float64)
     v = torch.tensor([[[[4.0]], [[8.0]]]], dtype=torch.float64)
-    for backend in ("naive", "sdpa"):
+    for backend in ("naive", "sdpa", "tiled"):
         o = softmax_attention(q, k, v, scale=1.0, backend=backend)
         assert abs(float(o) - 7.0) < 1e-12, backend
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", ["naive", "sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "tiled", "auto"])
 def test_half_precision_accumulates_in_fp32(dtype, backend):
     q, k, v = make_qkv(1, 65, 65, 2, 1, 64, 64, dtype=dtype)
     ref = softmax_attention(q.double(), k.double(), v.double(), causal=True, backend="naive")
@@ -230,3 +257,69 @@ def test_empty_keys_give_zeros():
     q, k, v = make_qkv(1, 3, 0, 2, 2, 8, 5)
     o = softmax_attention(q, k, v)
     assert o.shape == (1, 3, 2, 5) and torch.equal(o, torch.zeros_like(o))
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 4, 9, 13), (2, 1, 9, 1), (2, 4, 9, 13)])
+def test_tiled_bias_gradients_match_naive(bias_shape):
+    q, k, v = make_qkv(2, 9, 13, 4, 2, 12, 5, dtype=torch.float64)
+    bias = torch.randn(bias_shape, dtype=torch.float64)
+    do = torch.randn(2, 9, 4, 5, dtype=torch.float64)
+    grads = []
+    for fn in (naive_attention, lambda *x, **o: tiled_attention(*x, block_q=4, block_k=4, tile_elems=64, **o)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        o = fn(*leaves[:3], mask=Causal(), bias=TensorBias(leaves[3]), scale=0.4, softcap=3.0)
+        grads.append(torch.autograd.grad(o, leaves, do))
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), grads[1], grads[0]):
+        assert rel_err(g, r) <= 1e-12, name
+
+
+class _CountingCausal(Causal):
+    def __init__(self):
+        self.tiles = []
+
+    def dense_block(self, q_len, kv_len, q_start, q_end, k_start, k_end, *, device=None):
+        self.tiles.append((q_start, k_start))
+        return super().dense_block(q_len, kv_len, q_start, q_end, k_start, k_end, device=device)
+
+
+def test_tiled_masks_only_partial_tiles_and_merges_full_ones():
+    spec = _CountingCausal()
+    q, k, v = make_qkv(1, 32, 32, 1, 1, 8, 8)
+    tiled_attention(q, k, v, mask=spec, bias=None, scale=1.0, softcap=None, block_q=8, block_k=8, tile_elems=10**6)
+    assert spec.tiles == [(0, 0), (8, 8), (16, 16), (24, 24)]  # the diagonal, nothing above or below
+
+
+def test_tiled_never_reads_keys_in_empty_blocks():
+    q, k, v = make_qkv(2, 20, 40, 2, 2, 8, 8)
+    ref = naive_attention(q, k, v, mask=masks.padding([16, 8]), bias=None, scale=0.3, softcap=None)
+    k[:, 16:], v[:, 16:] = float("nan"), float("nan")  # key blocks 2..4 (block_k = 8) are EMPTY for every row
+    o = tiled_attention(q, k, v, mask=masks.padding([16, 8]), bias=None, scale=0.3, softcap=None,
+                        block_q=8, block_k=8)
+    assert rel_err(o, ref.double()) <= TOL
+
+
+def _tiled_peak(t, *, backward, **blocks):
+    q, k, v = make_qkv(1, t, t, 1, 1, 64, 64)
+    q, k, v = (x.requires_grad_(backward) for x in (q, k, v))
+
+    def run():
+        o = tiled_attention(q, k, v, mask=Causal(), bias=None, scale=0.125, softcap=None, **blocks)
+        if backward:
+            o.sum().backward()
+
+    return peak_memory(run, device="cpu")
+
+
+def test_tiled_memory_grows_linearly_with_length():
+    # small tiles so that short sequences already show the O(T * block) behaviour: doubling T doubles the peak
+    blocks = dict(block_q=64, block_k=64, tile_elems=2**16)
+    small, large = _tiled_peak(1024, backward=True, **blocks), _tiled_peak(2048, backward=True, **blocks)
+    assert large / small < 2.5, f"peak grew {large / small:.2f}x when T doubled"
+    assert large < 2048 * 2048 * 4 / 4, f"peak {large / 2**20:.1f} MiB vs the 16 MiB matrix"
+
+
+@pytest.mark.slow
+def test_tiled_memory_with_default_tiles_is_far_below_the_matrix():
+    t = 8192
+    peak = _tiled_peak(t, backward=True)
+    assert peak < t * t * 4 / 8, f"peak {peak / 2**20:.1f} MiB vs the {t * t * 4 / 2**20:.0f} MiB matrix"

@@ -61,6 +61,18 @@ class MaskSpec:
         """The whole boolean mask, ``[B|1, H|1, Tq, Tk]`` (True = attend)."""
         return self.dense_rows(q_len, kv_len, 0, q_len, device=device)
 
+    def dense_block(self, q_len: int, kv_len: int, q_start: int, q_end: int, k_start: int, k_end: int, *,
+                    device=None) -> torch.Tensor:
+        """The tile ``[q_start:q_end, k_start:k_end]`` of the dense mask, ``[B|1, H|1, q_end - q_start,
+        k_end - k_start]``; tiled kernels ask for PARTIAL tiles only, so cost follows the kept blocks."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        q_idx = torch.arange(q_start, q_end, device=device)
+        kv_idx = torch.arange(k_start, k_end, device=device)
+        b, h, qi, ki = self._index_grid(q_idx, kv_idx, device)
+        out = self.mask_mod(q_len, kv_len)(b, h, qi, ki)
+        shape = (self.batch_size or 1, self.num_heads or 1, q_end - q_start, k_end - k_start)
+        return out.to(torch.bool).expand(shape)
+
     def kept_pairs(self, q_len: int, kv_len: int, *, block: int = 256) -> int:
         """Number of kept pairs, summed over the batch rows and heads the spec depends on."""
         total = 0
@@ -166,6 +178,10 @@ class TensorMask(MaskSpec):
         self._check_lengths(q_len, kv_len)
         m = self.mask.expand(self.mask.shape[0], self.mask.shape[1], q_len, kv_len)[:, :, q_start:q_end]
         return m if device is None else m.to(device)
+
+    def dense_block(self, q_len, kv_len, q_start, q_end, k_start, k_end, *, device=None):
+        m = self.dense_rows(q_len, kv_len, q_start, q_end, device=device)
+        return m[..., k_start:k_end]
 
     def __repr__(self):
         return f"TensorMask(shape={tuple(self.mask.shape)})"

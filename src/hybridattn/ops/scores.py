@@ -32,6 +32,15 @@ class ScoreBias:
         kv_idx = torch.arange(kv_len, device=device)
         return self.block(q_len, kv_len, q_idx, kv_idx, dtype=dtype)
 
+    def grad_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Tensors the bias is computed from that need gradients (a learned T5 table, a user's tensor).
+
+        The tiled backend recomputes ``block`` in its backward pass and routes the bias gradient to these
+        tensors. Default: the parameters of an ``nn.Module`` bias, else tensor attributes that require grad."""
+        if isinstance(self, torch.nn.Module):
+            return tuple(p for p in self.parameters() if p.requires_grad)
+        return tuple(t for t in vars(self).values() if isinstance(t, torch.Tensor) and t.requires_grad)
+
     def score_mod(self, q_len: int, kv_len: int):
         """Default: index into the dense bias (fine for inference-sized inputs; subclasses with a closed form
         override this to avoid building Tq x Tk)."""
