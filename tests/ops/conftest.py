@@ -81,8 +81,31 @@ def check_varlen(fn, args, cu_seqlens, *, initial_state, **options):
             assert rel_max_err(s[i:i + 1], s_i) <= 1e-12, (mode, i)
 
 
+def check_attention_matrix(fn, args, **options):
+    """Parallel mode's returned ``A [B, Hv, T, T]`` is causal and reproduces the output: ``o = A v``."""
+    o, _, attention = fn(*args, mode="parallel", return_attention=True, **options)
+    v = args[2]
+    assert attention.shape == (v.shape[0], v.shape[2], v.shape[1], v.shape[1])
+    assert attention.triu(1).abs().max() == 0
+    torch.testing.assert_close(o, (attention @ v.transpose(1, 2)).transpose(1, 2), rtol=1e-12, atol=1e-12)
+    return attention
+
+
+def check_bfloat16(fn, args, initial_state=None, **options):
+    """bf16 inputs run in float32 inside: the output is within its own bf16 rounding (2^-8 relative) of the
+    float32 run on the same values, and the (float32) final state matches to 1e-5."""
+    args16 = [a.to(torch.bfloat16) for a in args]
+    h0 = None if initial_state is None else initial_state.float()
+    o16, s16 = fn(*args16, initial_state=h0, output_final_state=True, **options)
+    o32, s32 = fn(*(a.float() for a in args16), initial_state=h0, output_final_state=True, **options)
+    assert o16.dtype == torch.bfloat16 and s16.dtype == torch.float32
+    assert ((o16.float() - o32).abs() <= 2 ** -8 * o32.abs() + 1e-6).all()
+    torch.testing.assert_close(s16, s32, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def forms():
     """The helpers above, for the linear-family tests."""
     return SimpleNamespace(run=run_form, assert_close=assert_results_close, rel_err=rel_max_err, check=check_forms,
-                           prefill_then_decode=check_prefill_then_decode, varlen=check_varlen)
+                           prefill_then_decode=check_prefill_then_decode, varlen=check_varlen,
+                           attention_matrix=check_attention_matrix, bfloat16=check_bfloat16)
