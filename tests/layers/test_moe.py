@@ -12,6 +12,7 @@ CASES = [  # (B, T, d, E, k, I, shared, norm)
     (1, 13, 20, 8, 3, 6, 0, False),
     (3, 5, 9, 4, 1, 7, 5, False),
     (2, 3, 6, 3, 3, 5, 4, True),  # k == E
+    (1, 1, 10, 6, 3, 8, 5, True),  # one token: the decoding path
 ]
 
 

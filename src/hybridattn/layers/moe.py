@@ -152,7 +152,7 @@ class MoEFeedForward(nn.Module):
         else:
             self.shared_expert, self.shared_expert_gate = None, None
         self.router_logits: torch.Tensor | None = None
-        self.aux_loss: torch.Tensor | None = None
+        self._aux_mask: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -177,7 +177,7 @@ class MoEFeedForward(nn.Module):
                 ``aux_loss`` (their outputs are computed anyway and are meaningless).
 
         Returns:
-            ``[..., d]``, same dtype as ``x``. Sets ``self.router_logits`` ``[N, E]`` and ``self.aux_loss``.
+            ``[..., d]``, same dtype as ``x``. Keeps ``self.router_logits`` ``[N, E]`` for ``self.aux_loss``.
 
         Raises:
             ValueError / TypeError: wrong last dimension, non-floating ``x``, bad ``token_mask``.
@@ -193,30 +193,43 @@ class MoEFeedForward(nn.Module):
         out = self._experts(flat, weights, experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        self.router_logits = logits
-        self.aux_loss = load_balancing_loss(logits, self.top_k, token_mask=token_mask)
+        self.router_logits, self._aux_mask = logits, token_mask
         return out.reshape(x.shape)
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """Load-balancing loss of the last forward (computed on demand, so inference does not pay for it)."""
+        if self.router_logits is None:
+            return None
+        return load_balancing_loss(self.router_logits, self.top_k, token_mask=self._aux_mask)
 
     def _experts(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         n, k = experts.shape
-        if n == 0:
-            return flat.new_zeros(flat.shape)
+        out = flat.new_zeros(flat.shape)
+        act = _ACTIVATIONS[self.activation]
+        if n == 1:
+            # One token (decoding): its k experts directly, without the sort/scatter machinery.
+            for w, e in zip(weights[0], experts[0].tolist()):
+                gate, up = F.linear(flat, self.gate_up_proj[e]).chunk(2, dim=-1)
+                out = out + F.linear(act(gate) * up * w, self.down_proj[e])
+            return out
         flat_experts = experts.reshape(-1)  # (N*k,)
         order = flat_experts.argsort(stable=True)
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        tokens = flat.index_select(0, order // k)  # (N*k, d), grouped by expert
-        act = _ACTIVATIONS[self.activation]
-        pieces, start = [], 0
+        token_of = order // k  # token of each sorted assignment
+        tokens = flat.index_select(0, token_of)  # (N*k, d), grouped by expert
+        sorted_weights = weights.reshape(-1, 1).index_select(0, order)  # (N*k, 1)
+        start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
-            gate, up = F.linear(tokens[start:start + count], self.gate_up_proj[e]).chunk(2, dim=-1)
-            pieces.append(F.linear(act(gate) * up, self.down_proj[e]))
+            rows = slice(start, start + count)
+            gate, up = F.linear(tokens[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            # The routing weight scales the I-wide hidden rather than the d-wide output: fewer multiplies when I < d.
+            hidden = act(gate) * up * sorted_weights[rows]
+            out = out.index_add(0, token_of[rows], F.linear(hidden, self.down_proj[e]))
             start += count
-        grouped = torch.cat(pieces)  # (N*k, d) in sorted order
-        # Un-sort with a scatter into slots, then a weighted sum over k: deterministic, unlike index_add.
-        unsorted = torch.empty_like(grouped).index_copy(0, order, grouped)
-        return torch.einsum("nkd,nk->nd", unsorted.view(n, k, self.d_model), weights)
+        return out
 
 
 def naive_moe(module: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
