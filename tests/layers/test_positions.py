@@ -83,3 +83,18 @@ def test_learned_position_embedding():
         emb(torch.tensor([10]))
     with pytest.raises(TypeError, match="positions"):
         emb(torch.tensor([1.0]))
+
+
+@pytest.mark.slow  # the first flex_attention call costs ~10 s of set-up on the CPU
+def test_t5_score_mod_runs_in_flex_attention():
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    bias = T5RelativeBias(4, num_buckets=8, max_distance=16, bidirectional=False).double()()
+    q, k, v = (torch.randn(2, 4, n, 8, dtype=torch.float64) for n in (5, 9, 9))  # flex layout [B, H, T, D]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "called without torch.compile": the unfused path is what we test here
+        out = flex_attention(q, k, v, score_mod=bias.score_mod(5, 9))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + bias.dense(5, 9, dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(out, weights @ v, rtol=1e-10, atol=1e-10)

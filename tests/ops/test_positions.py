@@ -198,3 +198,19 @@ def test_alibi_through_backend_equals_naive(backend, causal, q_len, kv_len):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
     for g1, g0 in zip(grads[1], grads[0]):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow  # the first flex_attention call costs ~10 s of set-up on the CPU
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_score_mod_runs_in_flex_attention(causal):
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v = (torch.randn(2, 6, n, 8, dtype=torch.float64) for n in (5, 9, 9))  # flex layout [B, H, T, D]
+    bias = ALiBi(6, causal=causal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "called without torch.compile": the unfused path is what we test here
+        out = flex_attention(q, k, v, score_mod=bias.score_mod(5, 9))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + bias.dense(5, 9, dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(out, weights @ v, rtol=1e-10, atol=1e-10)
