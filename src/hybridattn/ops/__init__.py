@@ -5,3 +5,7 @@ from hybridattn.ops.feature_maps import FavorPlusFeatures
 from hybridattn.ops.gla import gla
 from hybridattn.ops.linear_attention import linear_attention
 from hybridattn.ops.simple_gla import retention, simple_gla
+from hybridattn.ops.block_sparse_attention import block_sparse_attention
+from hybridattn.ops.dsa_attention import dsa_attention
+from hybridattn.ops.linformer import linformer_attention
+from hybridattn.ops.lsh_attention import lsh_attention

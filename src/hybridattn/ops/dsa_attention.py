@@ -1,0 +1,154 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer picks ``top_k`` keys per query, and softmax
+attention runs over those keys only.
+
+Indexer score of query ``t`` for key ``s`` (a few small indexer heads ``j``, ReLU-weighted dot products):
+
+    I[t, s] = sum_j w[t, j] * relu(index_q[t, j] . index_k[s])
+
+Each query keeps the ``top_k`` keys of highest ``I`` among those it may see (causal: ``s <= t + Tk - Tq``), shared
+by all attention heads, and attends to them:
+
+    o[t, h] = sum_{s in top_k(t)} softmax_s(scale * q[t, h] . k[s, h // G]) v[s, h // G]
+
+The selection is discrete, so no gradient reaches the indexer through ``o``; DeepSeek trains the indexer with a
+separate KL loss against the dense attention distribution. The fast path never builds the ``Tq x Tk`` softmax:
+indexer scores are made ``chunk_size`` query rows at a time (only their top-k survive), and attention gathers
+the selected keys, ``O(Tq * top_k)`` work and memory.
+
+Shape legend: B batch, Tq / Tk query / key length, H query heads, Hkv key-value heads (G = H / Hkv), D head dim,
+Dv value head dim, Hi indexer heads, Di indexer head dim, K = min(top_k, Tk) selected keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hybridattn.ops._checks import check_bthd, check_positive_int, check_qkv, check_same, check_shape, check_tensor
+
+__all__ = ["dsa_attention", "dsa_attention_reference", "lightning_indexer", "select_top_k"]
+
+
+def _check_indexer(q, k, index_q, index_k, index_weights):
+    b, tq = q.shape[:2]
+    tk = k.shape[1]
+    bi, tqi, hi, di = check_bthd("index_q", index_q)
+    if index_q.device != q.device:
+        raise ValueError(f"index_q: expected device {q.device} (the device of q), received {index_q.device}")
+    if (bi, tqi) != (b, tq):
+        raise ValueError(f"index_q: expected [B={b}, Tq={tq}, Hi, Di], received shape {tuple(index_q.shape)}")
+    check_tensor("index_k", index_k, ndim=3)
+    check_same("index_k", "index_q", index_k, index_q)
+    check_shape("index_k", index_k, (b, tk, di))
+    if index_weights is None:
+        return index_q.new_ones(b, tq, hi)
+    check_tensor("index_weights", index_weights, ndim=3)
+    check_same("index_weights", "index_q", index_weights, index_q)
+    check_shape("index_weights", index_weights, (b, tq, hi))
+    return index_weights
+
+
+def lightning_indexer(index_q, index_k, index_weights, *, q_start: int = 0, q_end: int | None = None):
+    """Indexer scores ``[B, q_end - q_start, Tk]`` for query rows ``q_start:q_end`` (see module docstring)."""
+    qi = index_q[:, q_start:q_end]  # (B, C, Hi, Di)
+    s = torch.relu(torch.einsum("bchd,bsd->bchs", qi, index_k))  # (B, C, Hi, Tk)
+    return torch.einsum("bchs,bch->bcs", s, index_weights[:, q_start:q_end])
+
+
+def select_top_k(index_q, index_k, index_weights, *, top_k: int, causal: bool, kv_len: int, chunk_size: int = 256):
+    """Indices ``[B, Tq, K]`` of each query's ``top_k`` highest-scoring visible keys and a validity mask
+    ``[B, Tq, K]`` (False where a query sees fewer than ``K`` keys). Computed without gradients."""
+    b, tq = index_q.shape[:2]
+    kk = min(top_k, kv_len)
+    offset = kv_len - tq
+    idx_chunks, ok_chunks = [], []
+    with torch.no_grad():
+        for start in range(0, tq, chunk_size):
+            end = min(tq, start + chunk_size)
+            scores = lightning_indexer(index_q, index_k, index_weights, q_start=start, q_end=end)
+            if scores.dtype in (torch.float16, torch.bfloat16):
+                scores = scores.float()  # rank in fp32: half precision would create ties
+            if causal:
+                rows = torch.arange(start, end, device=scores.device)[:, None] + offset
+                visible = torch.arange(kv_len, device=scores.device)[None, :] <= rows
+                scores = scores.masked_fill(~visible, float("-inf"))
+            top = scores.topk(kk, dim=-1)
+            idx_chunks.append(top.indices)
+            ok_chunks.append(torch.isfinite(top.values))
+    return torch.cat(idx_chunks, 1), torch.cat(ok_chunks, 1)
+
+
+def dsa_attention(q, k, v, index_q, index_k, *, top_k: int, causal: bool = True, index_weights=None,
+                  scale: float | None = None, chunk_size: int = 256, return_indices: bool = False):
+    """DeepSeek Sparse Attention: softmax attention over each query's ``top_k`` keys chosen by the indexer.
+
+    Args:
+        q: queries ``[B, Tq, H, D]``.
+        k: keys ``[B, Tk, Hkv, D]`` (``H % Hkv == 0``).
+        v: values ``[B, Tk, Hkv, Dv]``.
+        index_q: indexer queries ``[B, Tq, Hi, Di]``.
+        index_k: indexer keys ``[B, Tk, Di]`` (one per token, shared by the indexer heads). The indexer tensors
+            share one dtype, which may differ from q's (DeepSeek runs the indexer in low precision).
+        top_k: keys kept per query (> 0); with ``top_k >= Tk`` this is full (causal) attention.
+        causal: queries see keys ``s <= t + Tk - Tq`` only.
+        index_weights: per-query weights of the indexer heads ``[B, Tq, Hi]``; default all ones.
+        scale: attention logit scale, default ``1 / sqrt(D)``.
+        chunk_size: query rows whose indexer scores are held at once.
+        return_indices: also return the selected key indices ``[B, Tq, K]`` and their validity mask.
+
+    Returns:
+        ``o`` ``[B, Tq, H, Dv]`` (and ``(indices, valid)`` when ``return_indices``). Rows without a visible key
+        are zero.
+
+    Raises:
+        TypeError / ValueError: wrong types, shapes, dtypes or devices (the message names the argument).
+    """
+    b, tq, h, d, tk, hkv, dv = check_qkv(q, k, v)
+    check_positive_int("top_k", top_k)
+    check_positive_int("chunk_size", chunk_size)
+    weights = _check_indexer(q, k, index_q, index_k, index_weights)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if tq == 0 or tk == 0:
+        o = q.new_zeros(b, tq, h, dv) + 0 * (q.sum() + k.sum() + v.sum())
+        empty = torch.zeros(b, tq, 0, dtype=torch.long, device=q.device)
+        return (o, (empty, empty.bool())) if return_indices else o
+    idx, ok = select_top_k(index_q, index_k, weights, top_k=top_k, causal=causal, kv_len=tk, chunk_size=chunk_size)
+    kk = idx.shape[-1]
+    # gather the selected rows of the flattened (B*Tk) key / value tables
+    flat = (idx + torch.arange(b, device=q.device)[:, None, None] * tk).flatten()
+    k_sel = k.reshape(b * tk, hkv, d).index_select(0, flat).view(b, tq, kk, hkv, d)
+    v_sel = v.reshape(b * tk, hkv, dv).index_select(0, flat).view(b, tq, kk, hkv, dv)
+    qg = q.view(b, tq, hkv, h // hkv, d)  # (B, Tq, Hkv, G, D)
+    s = scale * torch.einsum("btngd,btknd->btngk", qg, k_sel)  # (B, Tq, Hkv, G, K)
+    s = s.masked_fill(~ok[:, :, None, None, :], float("-inf"))
+    # rows with no valid slot: subtract 0 instead of -inf and divide by 1, giving zeros rather than NaN
+    m = s.amax(-1, keepdim=True).detach()
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    denom = p.sum(-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = torch.einsum("btngk,btknd->btngd", p, v_sel).reshape(b, tq, h, dv)
+    return (o, (idx, ok)) if return_indices else o
+
+
+def dsa_attention_reference(q, k, v, index_q, index_k, *, top_k: int, causal: bool = True, index_weights=None,
+                            scale: float | None = None):
+    """Dense reference in float64: the full indexer matrix, a dense ``[B, 1, Tq, Tk]`` mask of each row's
+    ``top_k`` visible keys, and masked softmax attention over the whole ``Tq x Tk`` matrix."""
+    b, tq, h, d, tk, hkv, dv = check_qkv(q, k, v)
+    weights = _check_indexer(q, k, index_q, index_k, index_weights)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scores = lightning_indexer(index_q.double(), index_k.double(), weights.double())  # (B, Tq, Tk)
+    visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.arange(tk, device=q.device)[None, :] <= torch.arange(tq, device=q.device)[:, None] + tk - tq
+    scores = scores.masked_fill(~visible, float("-inf"))
+    top = scores.topk(min(top_k, tk), dim=-1)
+    keep = torch.zeros(b, tq, tk, dtype=torch.bool, device=q.device)
+    keep.scatter_(-1, top.indices, torch.isfinite(top.values))
+    kh = k.double().repeat_interleave(h // hkv, dim=2)
+    vh = v.double().repeat_interleave(h // hkv, dim=2)
+    logits = scale * torch.einsum("bthd,bshd->bhts", q.double(), kh)
+    logits = logits.masked_fill(~keep[:, None], float("-inf"))
+    w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> zeros
+    return torch.einsum("bhts,bshd->bthd", w, vh)

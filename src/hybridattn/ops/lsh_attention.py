@@ -1,0 +1,183 @@
+"""Reformer LSH attention (Kitaev et al. 2020): hash tokens into buckets, sort, attend within chunks.
+
+One hashing round ``r``:
+
+1. bucket of token ``t``: ``argmax([x R_r ; -x R_r])`` with ``x`` the unit-normalised key of ``t`` and ``R_r`` a
+   random rotation ``[D, n_buckets / 2]`` (angular LSH). Keys and queries share the bucket of their token
+   (Reformer's shared-QK); with ``k=None`` the keys *are* the unit-normalised queries, and a token attends to
+   itself only when nothing else is visible (its self logit is replaced by ``-1e5``, as in Reformer);
+2. sort tokens by (bucket, position) and cut the sorted order into chunks of ``chunk_size``;
+3. each query attends to the keys of its own chunk and of the previous chunk (``causal``: only to earlier
+   positions), giving ``o_r`` and the log-normaliser ``lse_r``.
+
+Rounds combine as ``o = sum_r exp(lse_r - logsumexp_r lse_r) o_r``, the softmax over the union of the rounds'
+keys (a pair seen in several rounds counts once per round, as in the paper). Cost ``O(n_hashes * T * chunk)``.
+With one bucket and the default chunk (``T / n_buckets``) every token shares one chunk: full attention.
+
+Shape legend: B batch, T length, H query heads, Hkv key-value heads (G = H / Hkv), D head dim, Dv value head dim,
+n chunks of c tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hybridattn.ops._checks import check_bthd, check_positive_int, check_qkv
+
+__all__ = ["lsh_attention", "lsh_attention_reference", "lsh_buckets"]
+
+#: Reformer's stand-in logit for attending to oneself under shared-QK (finite, so a lone token still attends)
+SELF_LOGIT = -1e5
+
+
+def lsh_buckets(keys: torch.Tensor, *, n_buckets: int, n_hashes: int, seed: int) -> torch.Tensor:
+    """Bucket ids ``[n_hashes, B, Hkv, T]`` of ``keys [B, T, Hkv, D]`` by random rotations drawn from ``seed``
+    (on the CPU, so every device hashes alike)."""
+    b, t, hkv, d = keys.shape
+    if n_buckets == 1:
+        return torch.zeros(n_hashes, b, hkv, t, dtype=torch.long, device=keys.device)
+    gen = torch.Generator().manual_seed(seed)
+    rot = torch.randn(n_hashes, hkv, d, n_buckets // 2, generator=gen, dtype=torch.float64)
+    # hashing in float64 makes the buckets of a float32 call and of its float64 reference identical
+    rot = rot.to(keys.device)
+    x = F.normalize(keys.detach().double(), dim=-1)
+    proj = torch.einsum("bthd,rhdn->rbhtn", x, rot)
+    return torch.cat([proj, -proj], dim=-1).argmax(-1)
+
+
+def _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size):
+    shared = k is None
+    if shared:
+        check_bthd("q", q)
+        k = F.normalize(q, dim=-1)
+    hashed = q if shared else k  # same directions as k; hashing q avoids the rounding of the normalisation
+    b, tq, h, d, tk, hkv, dv = check_qkv(q, k, v)
+    if tq != tk:
+        raise ValueError(f"k: LSH attention hashes queries and keys of the same tokens; expected Tk == Tq={tq}, "
+                         f"received Tk={tk}")
+    check_positive_int("n_buckets", n_buckets)
+    if n_buckets > 1 and n_buckets % 2:
+        raise ValueError(f"n_buckets: expected 1 or an even number (angular LSH uses +-rotations), received {n_buckets}")
+    check_positive_int("n_hashes", n_hashes)
+    check_positive_int("seed", seed, allow_zero=True)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, received {type(causal).__name__}")
+    chunk = -(-tq // n_buckets) if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+    buckets = lsh_buckets(hashed, n_buckets=n_buckets, n_hashes=n_hashes, seed=seed)
+    return k, shared, max(chunk, 1), buckets
+
+
+def _combine_rounds(outs, lses):
+    """``sum_r softmax_r(lse) o_r`` with rows that saw nothing in every round left at zero."""
+    o, lse = torch.stack(outs), torch.stack(lses)  # (R, B, Hkv, T, G, Dv), (R, B, Hkv, T, G)
+    # softmax over rounds relative to the largest lse: differences of nearby lse are exact, whereas
+    # exp(lse - logsumexp) would round logsumexp of Reformer's -1e5 self logits in float32
+    m = lse.amax(0).detach()
+    e = torch.exp(lse - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    total = e.sum(0)
+    w = e / torch.where(total > 0, total, torch.ones_like(total))
+    return (w.unsqueeze(-1) * o).sum(0)
+
+
+def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = False, seed: int = 0,
+                  chunk_size: int | None = None, scale: float | None = None):
+    """Reformer attention over LSH buckets (see module docstring).
+
+    Args:
+        q: queries ``[B, T, H, D]``.
+        k: keys ``[B, T, Hkv, D]`` (``H % Hkv == 0``), or ``None`` for shared-QK (keys = unit-normalised q).
+        v: values ``[B, T, Hkv, Dv]`` (``Hkv = H`` with shared-QK).
+        n_buckets: buckets per round, 1 or even.
+        n_hashes: hashing rounds.
+        causal: queries attend to earlier positions only.
+        seed: seed of the random rotations.
+        chunk_size: tokens per chunk of the sorted order; default ``ceil(T / n_buckets)``.
+        scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``o`` ``[B, T, H, Dv]``; rows without any visible key are zero.
+
+    Raises:
+        TypeError / ValueError: invalid tensors or options (the message names the argument).
+    """
+    k, shared, c, buckets = _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size)
+    b, t, h, d = q.shape
+    hkv, dv = k.shape[2], v.shape[-1]
+    g = h // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    n = -(-t // c)
+    pad = n * c - t
+    pos = torch.arange(t, device=q.device)
+    qh = q.view(b, t, hkv, g, d).transpose(1, 2)  # (B, Hkv, T, G, D)
+    kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+    outs, lses = [], []
+    for bucket in buckets:  # (B, Hkv, T)
+        perm = torch.argsort(bucket * t + pos, dim=-1)  # stable order: bucket, then position
+        unperm = torch.argsort(perm, dim=-1)
+        qs = qh.gather(2, perm[..., None, None].expand(-1, -1, -1, g, d))
+        ks = kh.gather(2, perm[..., None].expand(-1, -1, -1, d))
+        vs = vh.gather(2, perm[..., None].expand(-1, -1, -1, dv))
+        ps = F.pad(perm, (0, pad), value=-1)  # padded slots: position -1, never visible
+        qs = F.pad(qs, (0, 0, 0, 0, 0, pad)).view(b, hkv, n, c, g, d)
+        ks, vs = F.pad(ks, (0, 0, 0, pad)).view(b, hkv, n, c, d), F.pad(vs, (0, 0, 0, pad)).view(b, hkv, n, c, dv)
+        # keys of chunk i: chunk i - 1 (none for the first chunk) followed by chunk i
+        prev = lambda x, fill: torch.cat([torch.full_like(x[:, :, :1], fill), x[:, :, :-1]], dim=2)  # noqa: E731
+        k_win = torch.cat([prev(ks, 0.0), ks], dim=3)  # (B, Hkv, n, 2c, D)
+        v_win = torch.cat([prev(vs, 0.0), vs], dim=3)
+        q_pos = ps.view(b, hkv, n, c)
+        k_pos = torch.cat([prev(q_pos, -1), q_pos], dim=3)  # (B, Hkv, n, 2c)
+        visible = k_pos[:, :, :, None, :] >= 0
+        if causal:
+            visible = visible & (k_pos[:, :, :, None, :] <= q_pos[..., None])
+        s = scale * torch.einsum("bhncgd,bhnkd->bhncgk", qs, k_win)
+        if shared:
+            s = s.masked_fill((k_pos[:, :, :, None, :] == q_pos[..., None])[:, :, :, :, None], SELF_LOGIT)
+        s = s.masked_fill(~visible[:, :, :, :, None], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, n, c, G)
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+        o = torch.einsum("bhncgk,bhnkd->bhncgd", p, v_win).reshape(b, hkv, n * c, g, dv)[:, :, :t]
+        lse = lse.reshape(b, hkv, n * c, g)[:, :, :t]
+        outs.append(o.gather(2, unperm[..., None, None].expand(-1, -1, -1, g, dv)))
+        lses.append(lse.gather(2, unperm[..., None].expand(-1, -1, -1, g)))
+    o = _combine_rounds(outs, lses)  # (B, Hkv, T, G, Dv)
+    return o.transpose(1, 2).reshape(b, t, h, dv)
+
+
+def lsh_attention_reference(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = False, seed: int = 0,
+                            chunk_size: int | None = None, scale: float | None = None):
+    """Float64 dense reference: per round, the ``T x T`` mask "same or previous chunk of the sorted order"
+    (chunk of token t = its rank in the (bucket, position) order // chunk), full softmax, lse combination."""
+    k, shared, c, buckets = _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size)
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    kh = k.double().repeat_interleave(g, dim=2)
+    vh = v.double().repeat_interleave(g, dim=2)
+    logits = scale * torch.einsum("bthd,bshd->bhts", q.double(), kh)  # (B, H, T, T)
+    i = torch.arange(t, device=q.device)
+    outs, lses = [], []
+    for bucket in buckets:
+        rank = torch.empty_like(bucket)
+        for bi in range(b):  # plain loops: rank of each token in the sorted order
+            for hi in range(bucket.shape[1]):
+                order = sorted(range(t), key=lambda j: (int(bucket[bi, hi, j]), j))
+                for r, j in enumerate(order):
+                    rank[bi, hi, j] = r
+        chunk = (rank // c).repeat_interleave(g, dim=1)  # (B, H, T)
+        diff = chunk[..., :, None] - chunk[..., None, :]
+        keep = (diff == 0) | (diff == 1)
+        if causal:
+            keep = keep & (i[None, :] <= i[:, None])
+        s = logits.masked_fill(i[:, None] == i[None, :], SELF_LOGIT) if shared else logits
+        s = s.masked_fill(~keep, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        w = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+        o = torch.einsum("bhts,bshd->bhtd", w, vh)
+        # to the fast path's (B, Hkv, T, G, Dv) / (B, Hkv, T, G) layout for the shared combination
+        outs.append(o.view(b, -1, g, t, o.shape[-1]).transpose(2, 3))
+        lses.append(lse.view(b, -1, g, t).transpose(2, 3))
+    o = _combine_rounds(outs, lses)
+    return o.transpose(1, 2).reshape(b, t, h, -1)
