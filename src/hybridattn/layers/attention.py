@@ -204,8 +204,11 @@ class MultiHeadAttention(nn.Module):
             if self.positions == "rope":
                 start = None if cache is None else cache.real_tokens
                 pos = token_positions(token_mask, t, start=start, device=x.device)
-                q = apply_rotary(q, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
-                k = apply_rotary(k, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
+                # one rotation over the heads of q and k together: the angles are computed once (decode steps
+                # are dominated by per-op overhead, not by arithmetic)
+                qk = torch.cat((q, k), dim=2)  # (B, T, H + Hkv, D)
+                qk = apply_rotary(qk, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
+                q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
             if cache is None:
                 key_valid = _drop_if_all(token_mask)
             else:

@@ -132,8 +132,8 @@ def apply_rotary(
     inv_freq = rope_frequencies(d, theta=theta, rotary_fraction=rotary_fraction, device=x.device, dtype=work)
     n = 2 * inv_freq.numel()
     angles = positions.to(work).unsqueeze(-1) * inv_freq  # [1|B, T, n/2]
-    cos = angles.cos().repeat(1, 1, 2).unsqueeze(2)  # [1|B, T, 1, n]
-    sin = angles.sin().repeat(1, 1, 2).unsqueeze(2)
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [1|B, T, 1, n]: both halves share an angle
+    cos, sin = angles.cos(), angles.sin()
     rot = x[..., :n].to(work)
     half = n // 2
     rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
