@@ -1,0 +1,39 @@
+"""``hybridattn viz <what>``: pictures of models and masks.
+
+Each sub-subcommand lives in a module of ``hybridattn.viz`` that provides ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``, like the top-level commands; adding one is one line in ``VIEWS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+HELP = "draw attention matrices of a trained model (attention) or attention masks (masks)"
+
+VIEWS = {
+    "attention": "hybridattn.viz.attention_maps",
+    "masks": "hybridattn.viz.masks",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="view", metavar="VIEW")
+    for name, module_name in VIEWS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # view not built yet
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_view_run=module.run)
+    parser.set_defaults(_viz_parser=parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "_view_run", None) is None:
+        args._viz_parser.print_help()
+        return 0
+    return int(args._view_run(args) or 0)
