@@ -112,3 +112,23 @@ def test_gather_rows_backward_equals_index_add():
     (g,) = torch.autograd.grad(gather_rows(src, idx, inv), src, grad)
     expected = torch.zeros(2, 5, 4).index_add_(1, idx, grad)
     torch.testing.assert_close(g, expected)
+
+
+def test_softmax_attention_backend_and_auto_dispatch():
+    from hybridattn.ops.softmax_attention import choose_backend
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2100, 4, 16, generator=gen)  # above softmax_attention's DENSE_LIMIT
+    k, v = torch.randn(1, 2100, 2, 16, generator=gen), torch.randn(1, 2100, 2, 16, generator=gen)
+    spec = masks.sliding_window(100) & masks.causal()
+    assert choose_backend(q, k, mask=spec, bias=None, softcap=None) == "block_sparse"
+    assert choose_backend(q, k, mask=masks.sliding_window(2000), bias=None, softcap=None) != "block_sparse"
+    ref = _reference(q, k, v, spec)
+    torch.testing.assert_close(softmax_attention(q, k, v, mask=spec).double(), ref, rtol=1e-5, atol=1e-5)
+    out = softmax_attention(q[:, :50], k[:, :50], v[:, :50], mask=masks.sliding_window(7), causal=True,
+                            backend="block_sparse")
+    torch.testing.assert_close(out.double(), _reference(q[:, :50], k[:, :50], v[:, :50],
+                                                        masks.sliding_window(7) & masks.causal()),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block_sparse"):
+        softmax_attention(q[:, :8], k[:, :8], v[:, :8], softcap=5.0, backend="block_sparse")

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=128, help="tile size of the block-sparse kernel")
     p.add_argument("--scaling", type=str, default="4096,8192,16384,32768,65536")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dense-repeats", type=int, default=1, help="repeats of the (slow) dense baseline")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -87,7 +88,10 @@ def main(argv=None) -> int:
     plan_s = time.perf_counter() - start
     dense = _dense_causal_step(q, k, v)
     t_sparse = median_time(sparse, repeats=args.repeats, warmup=1, device=dev)
-    t_dense = median_time(dense, repeats=args.repeats, warmup=1, device=dev)
+    print(f"sliding window T={t}: sparse {t_sparse:.3f} s (median of {args.repeats})", flush=True)
+    # one dense fwd+bwd at 16K takes a minute on a CPU: fewer repeats, and no warm-up (nothing to warm up)
+    t_dense = median_time(dense, repeats=args.dense_repeats, warmup=0, device=dev)
+    print(f"dense causal SDPA T={t}: {t_dense:.3f} s (median of {args.dense_repeats})", flush=True)
     m_sparse, m_dense = peak_memory(sparse, device=dev), peak_memory(dense, device=dev)
     rows.append(TargetRow(f"window {w} causal T={t} fwd+bwd: speed-up vs dense causal SDPA", ">= 6x",
                           f"{t_dense:.2f} s / {t_sparse:.2f} s (plan {plan_s:.2f} s once)", t_dense / t_sparse, 6.0))
@@ -101,8 +105,9 @@ def main(argv=None) -> int:
     table, per_token = [], []
     for n in lengths:
         q, k, v = _inputs(n, h, d, dev, grad=True)
-        seconds = median_time(_sparse_step(window, q, k, v, blk, backward=True), repeats=args.repeats, warmup=1,
+        seconds = median_time(_sparse_step(window, q, k, v, blk, backward=True), repeats=args.repeats, warmup=0,
                               device=dev)
+        print(f"sliding window T={n}: {seconds:.3f} s", flush=True)
         per_token.append(seconds / n)
         table.append((n, f"{seconds:.3f}", f"{1e6 * seconds / n:.1f}", f"{per_token[-1] / per_token[0]:.2f}"))
         del q, k, v
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
         seconds = median_time(_sparse_step(spec, q, k, v, block, backward=False), repeats=args.repeats, warmup=1,
                               device=dev)
         ideal = spec.kept_pairs(t, t) * h * 4 * d / flops
+        print(f"{name}: {seconds:.3f} s, ideal {ideal:.3f} s", flush=True)
         rows.append(TargetRow(f"{name} T={t} fwd: time / (pairs * 4D / matmul FLOP/s)", "<= 1.5x",
                               f"{seconds:.3f} s vs ideal {ideal:.3f} s ({flops / 1e9:.0f} GFLOP/s)",
                               seconds / ideal, 1.5, higher_is_better=False))

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from hybridattn.ops._checks import check_positive_int, check_qkv
-from hybridattn.ops.masks import EMPTY, FULL, Causal, MaskSpec, as_mask_spec
+from hybridattn.ops.masks import EMPTY, FULL, Causal, MaskSpec, _Combined, as_mask_spec
+from hybridattn.ops.sparse_masks import BlockSparse, Fixed, GlobalTokens, _DistanceSpec
 
-__all__ = ["BlockGroup", "BlockPlan", "block_sparse_attention", "cached_plan", "plan_blocks"]
+__all__ = ["BlockGroup", "BlockPlan", "block_sparse_attention", "cached_plan", "plan_blocks", "prefers_block_sparse"]
 
 #: how many distinct group widths a plan may have before widths are rounded up (each group is one SDPA call)
 MAX_GROUPS = 8
@@ -283,3 +284,43 @@ class _KeepAll(MaskSpec):
     def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
         shape = (1, 1, -(-q_len // block_q), -(-kv_len // block_k))
         return torch.full(shape, FULL, dtype=torch.int8, device=device)
+
+
+#: specs whose block layout has a closed form, so that judging their density costs O(nblocks^2), not O(T^2)
+_CLOSED_FORM = (Causal, _DistanceSpec, Fixed, GlobalTokens, BlockSparse, _KeepAll)
+#: ``auto`` prefers this kernel with tiles of AUTO_BLOCK when at most AUTO_MAX_DENSITY of the tiles are kept and
+#: a query block reads at most AUTO_MAX_TILES key tiles on average (the gathered keys are that many times k)
+AUTO_BLOCK, AUTO_MAX_DENSITY, AUTO_MAX_TILES = 128, 0.5, 16
+
+
+def prefers_block_sparse(spec: MaskSpec | None, q_len: int, kv_len: int) -> bool:
+    """Whether ``softmax_attention(backend="auto")`` should run this kernel: a spec built only from closed-form
+    parts (windows, global tokens, Sparse Transformer, BigBird, block layouts, causal) that keeps at most half of
+    its tiles, with a bounded number of key tiles per query block. Denser masks gain little from skipping tiles,
+    and wide ones would pay for the gathers in memory; the tiled backend serves both."""
+    def closed(s):
+        return isinstance(s, _CLOSED_FORM) or (isinstance(s, _Combined) and closed(s.left) and closed(s.right))
+
+    if spec is None or type(spec) is Causal or not closed(spec):
+        return False
+    kept = (spec.block_layout(q_len, kv_len, AUTO_BLOCK, AUTO_BLOCK) != EMPTY).flatten(0, 1).any(0)  # (nQ, nK)
+    return float(kept.float().mean()) <= AUTO_MAX_DENSITY and float(kept.sum(-1).float().mean()) <= AUTO_MAX_TILES
+
+
+def _backend(q, k, v, *, mask, bias, scale, softcap):
+    """``softmax_attention(backend="block_sparse")``: masks only (no bias or softcap)."""
+    if bias is not None or softcap is not None:
+        raise ValueError("backend: 'block_sparse' takes a mask only; use backend='tiled' with a bias or softcap")
+    t = max(q.shape[1], k.shape[1])
+    block = AUTO_BLOCK if t >= 4 * AUTO_BLOCK else 32
+    plan = None if mask is None else cached_plan(mask, q.shape[1], k.shape[1], block, block, device=q.device)
+    return block_sparse_attention(q, k, v, mask, scale=scale, block_q=block, block_k=block, plan=plan)
+
+
+def _register_backend() -> None:
+    from hybridattn.ops.softmax_attention import BACKENDS
+
+    BACKENDS.setdefault("block_sparse", _backend)
+
+
+_register_backend()
