@@ -289,6 +289,8 @@ def test_forward_validation():
         layer(torch.randn(2, 5, 30), cache=SlidingWindowKVCache(2, 3, 10, 4))
     with pytest.raises(TypeError, match="k: expected dtype torch.float64"):
         layer(torch.randn(2, 5, 30), cache=KVCache(2, 3, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="token_mask: expected left padding"):
+        layer(torch.randn(1, 3, 30), token_mask=torch.tensor([[True, False, True]]))
     encoder = MultiHeadAttention(D_MODEL, 3, causal=False)
     with pytest.raises(ValueError, match="cache: incremental decoding needs causal"):
         encoder(torch.randn(2, 5, 30), cache=encoder.new_cache(2))

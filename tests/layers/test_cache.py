@@ -85,4 +85,8 @@ def test_cache_validation():
         cache.update(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="window"):
         SlidingWindowKVCache(1, 1, 1, 0)
+    cache.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), torch.tensor([[False, False], [False, True]]))
+    with pytest.raises(ValueError, match="token_mask: expected left padding"):  # row 1 already has a real token
+        cache.update(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), torch.tensor([[False], [False]]))
+    assert cache.seen_tokens == 2 and cache.real_tokens.tolist() == [0, 1]  # the refused call changed nothing
     assert Cache().nbytes() == 0 and Cache().seen_tokens == 0

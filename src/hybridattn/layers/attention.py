@@ -22,6 +22,7 @@ from torch import nn
 from hybridattn.layers.cache import Cache, KVCache, SlidingWindowKVCache, check_token_mask, token_positions
 from hybridattn.layers.norms import RMSNorm
 from hybridattn.layers.positions import T5RelativeBias
+from hybridattn.layers.short_conv import check_left_padding
 from hybridattn.ops._checks import check_choice, check_heads_divisible, check_positive_int, check_tensor
 from hybridattn.ops.masks import TensorMask
 from hybridattn.ops.positions import ALiBi, alibi_slopes, apply_rotary, rotary_dim
@@ -187,7 +188,7 @@ class MultiHeadAttention(nn.Module):
             ValueError / TypeError: wrong shapes, dtypes or devices; memory without ``cross`` or missing memory.
         """
         b, t = self._check_input("x", x)
-        token_mask = check_token_mask(token_mask, b, t, x.device)
+        token_mask = check_left_padding(token_mask, b, t, x.device)  # None when every token is real
         if cache is not None:
             self._check_cache(cache)
 
@@ -210,7 +211,7 @@ class MultiHeadAttention(nn.Module):
                 qk = apply_rotary(qk, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
                 q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
             if cache is None:
-                key_valid = _drop_if_all(token_mask)
+                key_valid = token_mask
             else:
                 k, v, key_valid = cache.update(k, v, token_mask)
 
@@ -321,5 +322,5 @@ class MultiHeadAttention(nn.Module):
 
 
 def _drop_if_all(valid: torch.Tensor | None) -> torch.Tensor | None:
-    # an all-True key mask changes nothing but would push SDPA off its fused causal path
+    # an all-True key mask changes nothing but would push SDPA off its fused path
     return None if valid is None or bool(valid.all()) else valid

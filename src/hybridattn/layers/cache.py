@@ -111,6 +111,12 @@ class _KVBase(Cache):
                 raise TypeError(f"{name}: expected dtype {self.dtype} (the cache's dtype), received {x.dtype}")
         token_mask = check_token_mask(token_mask, b, t, self.device)
         if token_mask is not None:
+            if bool(((self.real_tokens > 0) & ~token_mask.all(1)).any()):
+                # relative positions (ALiBi, T5, windows) are slot distances, exact only for left padding
+                raise ValueError(
+                    "token_mask: expected left padding, received padding for a row that already has real tokens "
+                    f"in the cache (real tokens per row: {self.real_tokens.tolist()})"
+                )
             self._has_padding = self._has_padding or not bool(token_mask.all())
             self.real_tokens += token_mask.sum(1)
         else:
