@@ -96,7 +96,7 @@ class _KVBase(Cache):
         """``[B, T]`` RoPE positions of the next call's tokens, continuing each row's count of real tokens."""
         return token_positions(token_mask, seq_len, start=self.real_tokens)
 
-    def _check_update(self, k, v, token_mask):
+    def _validate_and_count(self, k, v, token_mask):
         b, t, h, d = check_bthd("k", k)
         if (b, h, d) != (self.batch_size, self.num_heads, self.head_dim):
             raise ValueError(
@@ -163,7 +163,7 @@ class KVCache(_KVBase):
             setattr(self, name, new)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None):
-        t, token_mask = self._check_update(k, v, token_mask)
+        t, token_mask = self._validate_and_count(k, v, token_mask)
         start, end = self.length, self.length + t
         if end > self.capacity:
             self._grow(end)
@@ -212,7 +212,7 @@ class SlidingWindowKVCache(_KVBase):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None):
         w, seen, filled = self.window, self.seen_tokens, self.filled
-        t, token_mask = self._check_update(k, v, token_mask)
+        t, token_mask = self._validate_and_count(k, v, token_mask)
         # slot of token s is s % W, so the oldest buffered token sits at (seen - filled) % W
         order = (seen - filled + torch.arange(filled, device=self.device)) % w
         new_valid = torch.ones_like(k[..., 0, 0], dtype=torch.bool) if token_mask is None else token_mask
