@@ -10,12 +10,13 @@ Prefilling 32K-64K tokens on a shared 2-core CPU would take minutes per model, s
 *synthetically*: every KV cache receives random keys/values for ``context`` tokens (the exact tensors a prefill
 would leave) and every recurrent cache a random state marked as having consumed ``context`` tokens. A decoding
 step's cost depends only on these sizes, not on the values. Latencies are medians over rounds in which the
-compared models take turns, so that load from other processes hits both alike.
+compared models take turns in a shuffled order, so that load from other processes hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -67,14 +68,19 @@ def _step_fn(model: HybridLM, cache):
     return step
 
 
-def interleaved_latency(steps: dict, *, rounds: int, per_round: int) -> dict:
-    """Median seconds per call of each ``steps[name]()``, the callables taking turns each round."""
+def interleaved_latency(steps: dict, *, rounds: int, per_round: int, seed: int = 0) -> dict:
+    """Median seconds per call of each ``steps[name]()``, the callables taking turns each round in a shuffled
+    order (a fixed order lets the position in the round bias the comparison)."""
     samples = {name: [] for name in steps}
     for fn in steps.values():  # warm-up: the first append may grow a KV cache's storage
         fn()
         fn()
+    rng = random.Random(seed)
+    names = list(steps)
     for _ in range(rounds):
-        for name, fn in steps.items():
+        rng.shuffle(names)
+        for name in names:
+            fn = steps[name]
             start = time.perf_counter()
             for _ in range(per_round):
                 fn()
