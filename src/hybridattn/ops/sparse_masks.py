@@ -309,28 +309,42 @@ class BlockSparse(MaskSpec):
 class BigBird(BlockSparse):
     """BigBird (Zaheer et al. 2020) over blocks of ``block`` positions: each query block sees ``window``
     neighbouring blocks on each side, the first ``n_global`` blocks are global (see and are seen by every
-    block), and each other query block sees ``n_random`` extra key blocks drawn with ``seed``. Symmetric; with
-    ``& causal()`` random blocks in the future are dropped. The layout is drawn per number of blocks, so the
-    random blocks depend on the sequence length."""
+    block), and each other query block sees ``n_random`` extra key blocks. Symmetric; combine with
+    ``& causal()`` for a decoder, and pass ``causal=True`` so that random blocks are drawn among past blocks only
+    (otherwise causal masking drops the future ones).
 
-    def __init__(self, window: int = 1, n_global: int = 1, n_random: int = 2, block: int = 64, seed: int = 0):
+    Random blocks come from a hash of ``(seed, query block, key block)``, so a row's choice does not depend on
+    the sequence length as long as its candidates exist; with ``causal=True`` every row is fixed once its
+    candidates (the blocks before it) exist, which keeps incremental decoding equal to a full forward."""
+
+    def __init__(self, window: int = 1, n_global: int = 1, n_random: int = 2, block: int = 64, seed: int = 0,
+                 *, causal: bool = False):
         self.window = check_positive_int("window", window, allow_zero=True)
         self.n_global = check_positive_int("n_global", n_global, allow_zero=True)
         self.n_random = check_positive_int("n_random", n_random, allow_zero=True)
         self.block = check_positive_int("block", block)
         self.seed = check_positive_int("seed", seed, allow_zero=True)
+        self.causal = bool(causal)
         self._layouts: dict[int, torch.Tensor] = {}
 
+    def _random_scores(self, n_blocks: int) -> torch.Tensor:
+        """Uniform-looking scores in [0, 1) from a multiplicative hash of (seed, row, column)."""
+        idx = torch.arange(n_blocks, dtype=torch.int64)
+        h = (idx[:, None] * 1_000_003 + idx[None, :] * 7_919 + self.seed * 104_729 + 12_345) % (1 << 31)
+        h = (h * 1_103_515_245 + 12_345) % (1 << 31)
+        h = (h * 1_103_515_245 + 12_345) % (1 << 31)
+        return h.double() / (1 << 31)
+
     def layout_for(self, n_blocks: int) -> torch.Tensor:
-        """The ``[n_blocks, n_blocks]`` block layout (cached per ``n_blocks``)."""
+        """The ``[1, 1, n_blocks, n_blocks]`` block layout (cached per ``n_blocks``)."""
         if n_blocks not in self._layouts:
             idx = torch.arange(n_blocks)
             lay = (idx[:, None] - idx[None, :]).abs() <= self.window
             lay |= (idx[:, None] < self.n_global) | (idx[None, :] < self.n_global)
             if self.n_random and n_blocks:
-                gen = torch.Generator().manual_seed(self.seed)
-                score = torch.rand(n_blocks, n_blocks, generator=gen)
-                score[lay] = -1.0  # draw only among blocks not seen yet
+                score = self._random_scores(n_blocks)
+                taken = lay | (idx[None, :] > idx[:, None]) if self.causal else lay
+                score[taken] = -1.0  # draw only among blocks not seen yet (and, causal, not in the future)
                 top = score.topk(min(self.n_random, n_blocks), dim=-1)
                 chosen = torch.zeros_like(lay).scatter_(-1, top.indices, top.values >= 0)
                 chosen[: self.n_global] = False  # global rows already see everything
@@ -342,7 +356,8 @@ class BigBird(BlockSparse):
         return self.layout_for(-(-kv_len // self.block))
 
     def __repr__(self):
-        return f"bigbird(window={self.window}, n_global={self.n_global}, n_random={self.n_random}, block={self.block}, seed={self.seed})"
+        return (f"bigbird(window={self.window}, n_global={self.n_global}, n_random={self.n_random}, "
+                f"block={self.block}, seed={self.seed}, causal={self.causal})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,9 +388,11 @@ def fixed(block: int, summary: int) -> MaskSpec:
     return Fixed(block, summary)
 
 
-def bigbird(window: int = 1, n_global: int = 1, n_random: int = 2, block: int = 64, seed: int = 0) -> MaskSpec:
-    """BigBird: ``window`` neighbour blocks, ``n_global`` global blocks, ``n_random`` random blocks per row."""
-    return BigBird(window, n_global, n_random, block, seed)
+def bigbird(window: int = 1, n_global: int = 1, n_random: int = 2, block: int = 64, seed: int = 0, *,
+            causal: bool = False) -> MaskSpec:
+    """BigBird: ``window`` neighbour blocks, ``n_global`` global blocks, ``n_random`` random blocks per row
+    (drawn among past blocks with ``causal=True``; still combine with ``& causal()``)."""
+    return BigBird(window, n_global, n_random, block, seed, causal=causal)
 
 
 def block_sparse(layout: torch.Tensor, block: int = 128) -> MaskSpec:
