@@ -101,96 +101,131 @@ def naive_recurrent_gated_delta_rule(
 # Recurrent (decoding) form
 # --------------------------------------------------------------------------------------------------------------
 def _recurrent(q, k, v, g, beta, scale, h0):
-    """Token loop on head-major tensors. q, k ``[B, Hk, T, Dk]``; v ``[B, Hv, T, Dv]``; g, beta ``[B, Hv, T]``.
+    """Token loop on token-major tensors: q, k ``[B, T, Hk, Dk]``; v ``[B, T, Hv, Dv]``; g, beta ``[B, T, Hv]``.
+    Returns ``(o [B, T, Hv, Dv], state [B, Hv, Dk, Dv])``.
 
     GVA without copying q/k: the state is viewed ``[B, Hk, Hv/Hk, Dk, Dv]`` so one key head meets its group of
     value heads by broadcasting.
     """
-    b, hk, t, dk = k.shape
-    hv, dv = v.shape[1], v.shape[3]
+    b, t, hk, dk = k.shape
+    hv, dv = v.shape[2], v.shape[3]
     grp = hv // hk
     s = q.new_zeros(b, hk, grp, dk, dv) if h0 is None else h0.reshape(b, hk, grp, dk, dv)
-    v, beta = v.reshape(b, hk, grp, t, dv), beta.reshape(b, hk, grp, t)
-    decay = None if g is None else g.reshape(b, hk, grp, t).exp()
-    q = q * scale
+    v, beta = v.reshape(b, t, hk, grp, 1, dv), beta.reshape(b, t, hk, grp, 1, 1)
+    decay = None if g is None else g.reshape(b, t, hk, grp, 1, 1).exp()
+    q, k = (q * scale).reshape(b, t, hk, 1, 1, dk), k.reshape(b, t, hk, 1, 1, dk)
     outs = []
     for i in range(t):
         if decay is not None:
-            s = s * decay[..., i, None, None]
-        k_i = k[:, :, None, i, None, :]  # (B, Hk, 1, 1, Dk)
-        u = beta[..., i, None, None] * (v[:, :, :, i, None, :] - k_i @ s)  # (B, Hk, G, 1, Dv)
-        s = s + k_i.transpose(-1, -2) * u
-        outs.append((q[:, :, None, i, None, :] @ s).squeeze(-2))
-    o = torch.stack(outs, dim=3) if outs else v.new_zeros(b, hk, grp, 0, dv)
-    return o.reshape(b, hv, t, dv), s.reshape(b, hv, dk, dv)
+            s = s * decay[:, i]
+        u = beta[:, i] * (v[:, i] - k[:, i] @ s)  # (B, Hk, G, 1, Dv)
+        s = s + k[:, i].transpose(-1, -2) * u
+        outs.append(q[:, i] @ s)
+    o = torch.stack(outs, 1) if outs else v.new_zeros(b, 0, hk, grp, 1, dv)
+    return o.reshape(b, t, hv, dv), s.reshape(b, hv, dk, dv)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Chunk and parallel forms
 # --------------------------------------------------------------------------------------------------------------
-def _chunk(q, k, v, g, beta, scale, h0, chunk_size, *, return_attention=False):
-    """Chunkwise-parallel form on head-major tensors (q, k expanded to Hv heads).
+_SOLVE_BLOCK = 16
 
-    q, k ``[B, H, T, Dk]``; v ``[B, H, T, Dv]``; g (or None), beta ``[B, H, T]``; h0 ``[B, H, Dk, Dv]`` or None.
-    Returns ``(o [B, H, T, Dv], final_state [B, H, Dk, Dv], attention [B, H, T, T] or None)``; ``attention`` is
-    only built when ``return_attention`` and needs ``chunk_size >= T`` (a single chunk).
+
+def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, *, block: int = _SOLVE_BLOCK) -> torch.Tensor:
+    """``(I + strict_lower(a))^-1 @ rhs`` for a batch of ``[C, C]`` systems (the UT transform); ``a``'s diagonal
+    and upper triangle are ignored.
+
+    Blocked forward substitution: ``torch.linalg.solve_triangular`` inverts the ``block x block`` diagonal blocks of
+    every system at once, and the ``ceil(C / block)`` block rows are eliminated with batched matmuls. Why not one
+    ``solve_triangular`` on the ``C x C`` systems: on CPU it calls a BLAS ``trsm`` per system that opens its own
+    thread team, and on a shared 2-core machine hundreds of those barriers made it 10-100x slower than the matmuls
+    around it; 16 x 16 solves stay single-threaded and the matmuls are batched over every system.
+
+    Args:
+        a: ``[..., C, C]``. rhs: ``[..., C, R]``. block: diagonal block size.
+
+    Returns:
+        ``[..., C, R]``.
     """
-    b, h, t, dk = k.shape
+    c = a.shape[-1]
+    nb = -(-c // block)
+    pad = nb * block - c
+    if pad:  # zero rows/columns extend the system by an identity block, leaving the solution unchanged
+        a = torch.nn.functional.pad(a, (0, pad, 0, pad))
+        rhs = torch.nn.functional.pad(rhs, (0, 0, 0, pad))
+    lead = a.shape[:-2]
+    diag = a.reshape(*lead, nb, block, nb, block).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+    eye = torch.eye(block, dtype=a.dtype, device=a.device).expand_as(diag)
+    inv = torch.linalg.solve_triangular(diag, eye, upper=False, unitriangular=True)  # (..., nb, block, block)
+    rows = []
+    for i in range(nb):
+        lo, hi = i * block, (i + 1) * block
+        r = rhs[..., lo:hi, :]
+        if i:
+            r = r - a[..., lo:hi, :lo] @ torch.cat(rows, -2) if i > 1 else r - a[..., lo:hi, :lo] @ rows[0]
+        rows.append(inv[..., i, :, :] @ r)
+    return torch.cat(rows, -2)[..., :c, :] if nb > 1 else rows[0][..., :c, :]
+
+
+def _chunk(q, k, v, g, beta, scale, h0, chunk_size, *, return_attention=False):
+    """Chunkwise-parallel form on token-major tensors, q and k already expanded to the Hv value heads.
+
+    q, k ``[B, T, H, Dk]``; v ``[B, T, H, Dv]``; g (or None), beta ``[B, T, H]``; h0 ``[B, H, Dk, Dv]`` or None.
+    Returns ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv], attention [B, H, T, T] or None)``; ``attention`` is
+    only built when ``return_attention``, and needs ``chunk_size >= T`` (a single chunk).
+    """
+    b, t, h, dk = k.shape
     dv = v.shape[-1]
     c = chunk_size
     pad = (-t) % c
     if pad:
         # Padded tokens have k = 0 and beta = 0, so they write nothing; with g = 0 they do not decay the state.
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        beta = torch.nn.functional.pad(beta, (0, pad))
-        g = None if g is None else torch.nn.functional.pad(g, (0, pad))
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+        beta = torch.nn.functional.pad(beta, (0, 0, 0, pad))
+        g = None if g is None else torch.nn.functional.pad(g, (0, 0, 0, pad))
     n = (t + pad) // c
     if n == 0:
         s = q.new_zeros(b, h, dk, dv) if h0 is None else h0
-        return v.new_zeros(b, h, 0, dv), s, (q.new_zeros(b, h, 0, 0) if return_attention else None)
-    q, k, v = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))  # (B, H, N, C, D)
-    beta = beta.reshape(b, h, n, c)
+        return v.new_zeros(b, 0, h, dv), s, (q.new_zeros(b, h, 0, 0) if return_attention else None)
+
+    # Chunks first, (N, B*H, C, D) contiguous: every intra-chunk product is one batched matmul over all chunks,
+    # and the sequential loop below reads contiguous per-chunk slices.
+    def chunks(x):
+        return x.reshape(b, n, c, h, -1).permute(1, 0, 3, 2, 4).reshape(n, b * h, c, x.shape[-1])
+
+    q, k, v = chunks(q), chunks(k), chunks(v)
+    beta = chunks(beta[..., None])[..., 0]  # (N, B*H, C)
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    q = q * scale
     if g is None:
-        decay = causal.to(q.dtype)  # L: plain causal mask
-        wk, qk_read, kd = k * beta[..., None], q, k
-        last = None
+        decay = causal.to(q.dtype)  # L is the plain causal mask
+        k_w, q_read, kd, last = k * beta[..., None], q * scale, k, None
     else:
-        gam = g.reshape(b, h, n, c).cumsum(-1)  # chunk-local, so it stays bounded for any T
+        gam = chunks(g[..., None])[..., 0].cumsum(-1)  # chunk-local, so it stays bounded for any T
         decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
         gexp = gam.exp()
-        wk, qk_read = k * (beta * gexp)[..., None], q * gexp[..., None]
+        k_w, q_read = k * (beta * gexp)[..., None], q * (gexp * scale)[..., None]
         kd = k * (gam[..., -1:] - gam).exp()[..., None]
-        last = gexp[..., -1]  # (B, H, N)
+        last = gexp[..., -1, None, None]  # (N, B*H, 1, 1)
     kt = k.transpose(-1, -2)
-    # The unit-lower-triangular solve reads only the strict lower triangle of `a`; the diagonal is implicitly 1.
-    a = (k @ kt) * decay * beta[..., :, None]
-    wu = torch.linalg.solve_triangular(a, torch.cat([wk, v * beta[..., None]], -1), upper=False, unitriangular=True)
-    p = (q @ kt) * decay  # (B, H, N, C, C)
-    p_wu = p @ wu
-    kd_wu = kd.transpose(-1, -2) @ wu  # (B, H, N, Dk, Dk + Dv)
-    q_eff = qk_read - p_wu[..., :dk]
-    o_intra = p_wu[..., dk:]
-    # State hand-off S_{n+1} = M_n S_n + R_n; only this [Dk, Dk] @ [Dk, Dv] product per chunk is sequential.
-    m = -kd_wu[..., :dk]
-    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
-    m = m + (eye if last is None else last[..., None, None] * eye)
-    m = m.permute(2, 0, 1, 3, 4).reshape(n, b * h, dk, dk)
-    r = kd_wu[..., dk:].permute(2, 0, 1, 3, 4).reshape(n, b * h, dk, dv)
+    # (I + A)^-1 with A = strict_lower(diag(beta) K K^T * L); the solve reads only the strict lower triangle.
+    a = (k @ kt).mul_(decay).mul_(beta[..., :, None])
+    t_inv = solve_unit_lower(a, torch.eye(c, dtype=q.dtype, device=q.device).expand_as(a))
+    w = t_inv @ k_w  # (N, B*H, C, Dk)
+    u = t_inv @ (v * beta[..., None])  # (N, B*H, C, Dv)
+    p = (q @ kt).mul_(decay * scale)  # (N, B*H, C, C), causal inclusive
+    # The only sequential part, per chunk: the values it writes given the incoming state (u - W S), its output
+    # (the state's read plus the intra-chunk attention), and the state hand-off.
     s = q.new_zeros(b * h, dk, dv) if h0 is None else h0.reshape(b * h, dk, dv)
-    states = []
+    outs = []
     for i in range(n):
-        states.append(s)
-        s = torch.baddbmm(r[i], m[i], s)
-    starts = torch.stack(states, 1).reshape(b, h, n, dk, dv)
-    o = (q_eff @ starts + o_intra).reshape(b, h, n * c, dv)[:, :, :t]
+        new = torch.baddbmm(u[i], w[i], s, alpha=-1)
+        outs.append(torch.baddbmm(p[i] @ new, q_read[i], s))
+        s = torch.baddbmm(s if last is None else last[i] * s, kd[i].transpose(-1, -2), new)
+    o = torch.stack(outs).reshape(n, b, h, c, dv).permute(1, 0, 3, 2, 4).reshape(b, n * c, h, dv)[:, :t]
     attention = None
     if return_attention:
         # o = attention @ v (+ the initial state's read): attention = P (I + A)^-1 diag(beta).
-        eye_c = torch.eye(c, dtype=q.dtype, device=q.device)
-        inv_beta = torch.linalg.solve_triangular(a, eye_c * beta[..., None, :], upper=False, unitriangular=True)
-        attention = (p @ inv_beta)[:, :, 0, :t, :t]
+        attention = (p @ (t_inv * beta[..., None, :]))[0].reshape(b, h, c, c)[..., :t, :t]
     return o, s.reshape(b, h, dk, dv), attention
 
 
@@ -319,18 +354,13 @@ def gated_delta_rule(
         index = _pack_index(cu_seqlens, q.device)
         q, k, v, beta = (_unpack(x, index) for x in (q, k, v, beta))
         g = None if g is None else _unpack(g, index)
-    # (B, H, T, D) from here: matmuls over the last two dims.
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    beta = beta.transpose(1, 2)
-    g = None if g is None else g.transpose(1, 2)
     attention = None
     if mode == "recurrent":
         o, final = _recurrent(q, k, v, g, beta, scale, h0)
     else:
-        q, k = (x.repeat_interleave(hv // hk, dim=1) for x in (q, k))
-        size = max(q.shape[2], 1) if mode == "parallel" else chunk_size
+        q, k = (x.repeat_interleave(hv // hk, dim=2) for x in (q, k))
+        size = max(q.shape[1], 1) if mode == "parallel" else chunk_size
         o, final, attention = _chunk(q, k, v, g, beta, scale, h0, size, return_attention=return_attention)
-    o = o.transpose(1, 2)
     if index is not None:
         seq, pos = index[:2]
         o = o[seq, pos][None]
