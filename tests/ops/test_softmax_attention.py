@@ -323,3 +323,40 @@ def test_tiled_memory_with_default_tiles_is_far_below_the_matrix():
     t = 8192
     peak = _tiled_peak(t, backward=True)
     assert peak < t * t * 4 / 8, f"peak {peak / 2**20:.1f} MiB vs the {t * t * 4 / 2**20:.0f} MiB matrix"
+
+
+def test_flex_refuses_gradients_on_cpu_before_compiling():
+    q, k, v = make_qkv(1, 5, 5, 2, 1, 8, 8)
+    with pytest.raises(ValueError, match="backend: 'flex' is inference-only on the CPU"):
+        softmax_attention(q.requires_grad_(True), k, v, backend="flex")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_flex_matches_naive(kind):
+    """Inference only (no CPU backward); each case compiles a kernel, hence slow."""
+    compare_to_naive(lambda *x, **o: softmax_attention(*x, backend="flex", **o), 2, 37, 45, 4, 2, 60, 24, kind,
+                     grads=False)
+
+
+@pytest.mark.slow
+def test_flex_fully_masked_rows_give_zeros():
+    q, k, v = make_qkv(1, 6, 4, 2, 1, 16, 8)
+    o = softmax_attention(q, k, v, causal=True, backend="flex")
+    assert torch.equal(o[:, :2], torch.zeros_like(o[:, :2]))
+    ref = softmax_attention(q.double(), k.double(), v.double(), causal=True, backend="naive")
+    assert rel_err(o, ref) <= TOL
+
+
+@pytest.mark.slow
+def test_flex_keeps_compiling_past_dynamos_default_recompile_limit():
+    import warnings
+
+    q, k, v = make_qkv(1, 16, 16, 1, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="flex_attention called without torch.compile")
+        for n in range(9):  # nine different mask_mods -> nine kernels, one past the default limit
+            o = softmax_attention(q, k, v, mask=masks.prefix_lm(n) & masks.padding([16 - n]), backend="flex")
+            ref = softmax_attention(q.double(), k.double(), v.double(), backend="naive",
+                                    mask=masks.prefix_lm(n) & masks.padding([16 - n]))
+            assert rel_err(o, ref) <= TOL
