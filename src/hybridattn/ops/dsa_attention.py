@@ -27,7 +27,7 @@ import torch
 
 from hybridattn.ops._checks import check_bthd, check_positive_int, check_qkv, check_same, check_shape, check_tensor
 
-__all__ = ["dsa_attention", "dsa_attention_reference", "lightning_indexer", "select_top_k"]
+__all__ = ["dsa_attention", "dsa_attention_reference", "lightning_indexer", "select_top_k", "top_k_stable"]
 
 
 def _check_indexer(q, k, index_q, index_k, index_weights):
@@ -56,7 +56,16 @@ def lightning_indexer(index_q, index_k, index_weights, *, q_start: int = 0, q_en
     return torch.einsum("bchs,bch->bcs", s, index_weights[:, q_start:q_end])
 
 
-def select_top_k(index_q, index_k, index_weights, *, top_k: int, causal: bool, kv_len: int, chunk_size: int = 256):
+def top_k_stable(scores: torch.Tensor, k: int):
+    """``topk`` along the last dim with ties going to the earlier key (``torch.topk`` leaves ties to the
+    implementation, and ReLU scores tie at 0 often, so selections would differ between a prefill and a decode
+    step). Returns ``(values, indices)``."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def select_top_k(index_q, index_k, index_weights, *, top_k: int, causal: bool, kv_len: int, chunk_size: int = 256,
+                 key_mask=None):
     """Indices ``[B, Tq, K]`` of each query's ``top_k`` highest-scoring visible keys and a validity mask
     ``[B, Tq, K]`` (False where a query sees fewer than ``K`` keys). Computed without gradients."""
     b, tq = index_q.shape[:2]
@@ -73,14 +82,16 @@ def select_top_k(index_q, index_k, index_weights, *, top_k: int, causal: bool, k
                 rows = torch.arange(start, end, device=scores.device)[:, None] + offset
                 visible = torch.arange(kv_len, device=scores.device)[None, :] <= rows
                 scores = scores.masked_fill(~visible, float("-inf"))
-            top = scores.topk(kk, dim=-1)
-            idx_chunks.append(top.indices)
-            ok_chunks.append(torch.isfinite(top.values))
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
+            values, indices = top_k_stable(scores, kk)
+            idx_chunks.append(indices)
+            ok_chunks.append(torch.isfinite(values))
     return torch.cat(idx_chunks, 1), torch.cat(ok_chunks, 1)
 
 
 def dsa_attention(q, k, v, index_q, index_k, *, top_k: int, causal: bool = True, index_weights=None,
-                  scale: float | None = None, chunk_size: int = 256, return_indices: bool = False):
+                  scale: float | None = None, chunk_size: int = 256, key_mask=None, return_indices: bool = False):
     """DeepSeek Sparse Attention: softmax attention over each query's ``top_k`` keys chosen by the indexer.
 
     Args:
@@ -95,6 +106,7 @@ def dsa_attention(q, k, v, index_q, index_k, *, top_k: int, causal: bool = True,
         index_weights: per-query weights of the indexer heads ``[B, Tq, Hi]``; default all ones.
         scale: attention logit scale, default ``1 / sqrt(D)``.
         chunk_size: query rows whose indexer scores are held at once.
+        key_mask: optional bool ``[B, Tk]``, False = a padding key that is never selected.
         return_indices: also return the selected key indices ``[B, Tq, K]`` and their validity mask.
 
     Returns:
@@ -113,7 +125,12 @@ def dsa_attention(q, k, v, index_q, index_k, *, top_k: int, causal: bool = True,
         o = q.new_zeros(b, tq, h, dv) + 0 * (q.sum() + k.sum() + v.sum())
         empty = torch.zeros(b, tq, 0, dtype=torch.long, device=q.device)
         return (o, (empty, empty.bool())) if return_indices else o
-    idx, ok = select_top_k(index_q, index_k, weights, top_k=top_k, causal=causal, kv_len=tk, chunk_size=chunk_size)
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, ndim=2, floating=False)
+        check_shape("key_mask", key_mask, (b, tk))
+        key_mask = key_mask.to(device=q.device, dtype=torch.bool)
+    idx, ok = select_top_k(index_q, index_k, weights, top_k=top_k, causal=causal, kv_len=tk, chunk_size=chunk_size,
+                           key_mask=key_mask)
     kk = idx.shape[-1]
     # gather the selected rows of the flattened (B*Tk) key / value tables
     flat = (idx + torch.arange(b, device=q.device)[:, None, None] * tk).flatten()
@@ -143,9 +160,9 @@ def dsa_attention_reference(q, k, v, index_q, index_k, *, top_k: int, causal: bo
     if causal:
         visible = torch.arange(tk, device=q.device)[None, :] <= torch.arange(tq, device=q.device)[:, None] + tk - tq
     scores = scores.masked_fill(~visible, float("-inf"))
-    top = scores.topk(min(top_k, tk), dim=-1)
+    values, indices = top_k_stable(scores, min(top_k, tk))
     keep = torch.zeros(b, tq, tk, dtype=torch.bool, device=q.device)
-    keep.scatter_(-1, top.indices, torch.isfinite(top.values))
+    keep.scatter_(-1, indices, torch.isfinite(values))
     kh = k.double().repeat_interleave(h // hkv, dim=2)
     vh = v.double().repeat_interleave(h // hkv, dim=2)
     logits = scale * torch.einsum("bthd,bshd->bhts", q.double(), kh)

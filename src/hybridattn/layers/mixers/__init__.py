@@ -5,3 +5,4 @@ One file per mixer: ``attention`` (softmax), ``gated_deltanet`` (Qwen3-Next), ``
 """
 
 from hybridattn.layers.mixers import attention, deltanet, gated_deltanet, gla, linear, mamba2, retention  # noqa: F401
+from hybridattn.layers.mixers import sparse  # noqa: F401  (sliding_window, longformer, bigbird, dsa, linformer, lsh)
