@@ -81,6 +81,7 @@ def test_filters_keep_the_right_tokens():
     (dict(stop=[99]), "stop"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "attention_mask: expected left padding"),
 ])
-def test_bad_options(model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, **kwargs)
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_options(model, kwargs, match, stream):
+    with pytest.raises(ValueError, match=match):  # raised by the call itself, also when streaming
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, stream=stream, **kwargs)

@@ -74,15 +74,22 @@ def _mask_from(input_ids, attention_mask, token_mask):
     return mask
 
 
-@torch.no_grad()
 def stream_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, stop: int | Sequence[int] | None = None,
                   attention_mask: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Yield the new token of every row (``[B]``) step by step; arguments as :func:`generate`."""
+    """An iterator of the new token of every row (``[B]``), step by step; arguments as :func:`generate`.
+    Options are checked now, not at the first ``next()``."""
     stops = _check_options(max_new_tokens, temperature, top_k, top_p,
                            model.config.eos_token_id if stop is None else stop, model.config.vocab_size)
     mask = _mask_from(input_ids, attention_mask, token_mask)
+    model._check_ids(input_ids)
+    return _steps(model, input_ids, mask, max_new_tokens, stops, dict(temperature=temperature, top_k=top_k,
+                                                                       top_p=top_p, generator=generator))
+
+
+@torch.no_grad()
+def _steps(model, input_ids, mask, max_new_tokens: int, stops: list[int], sampling: dict):
     if max_new_tokens == 0:
         return
     b = input_ids.shape[0]
@@ -93,7 +100,7 @@ def stream_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, *, temper
     stop_ids = torch.tensor(stops, dtype=torch.long, device=input_ids.device)
     pad = model.config.pad_token_id
     for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = sample_next(logits[:, -1], **sampling)
         token = token.masked_fill(done, pad)
         yield token
         done = done | torch.isin(token, stop_ids)
