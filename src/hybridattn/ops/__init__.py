@@ -9,3 +9,5 @@ from hybridattn.ops.block_sparse_attention import block_sparse_attention
 from hybridattn.ops.dsa_attention import dsa_attention
 from hybridattn.ops.linformer import linformer_attention
 from hybridattn.ops.lsh_attention import lsh_attention
+from hybridattn.ops.attention_variants import (attention_with_sinks, bahdanau_attention, luong_dot_attention,
+                                              luong_general_attention, softcap_attention)

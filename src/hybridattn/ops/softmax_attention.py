@@ -106,12 +106,17 @@ def naive_attention(q, k, v, *, mask, bias, scale, softcap, return_weights=False
 
     Returns ``o`` ``[B, Tq, Hq, Dv]`` in q's dtype (and the weights ``[B, Hq, Tq, Tk]`` in the accumulation dtype
     when ``return_weights``)."""
-    hq, hkv = q.shape[2], k.shape[2]
     s, _ = dense_scores(q, k, mask=mask, bias=bias, scale=scale, softcap=softcap)
     w = safe_softmax(s)
-    vh = v.to(s.dtype).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)  # (B, Hq, Tk, Dv)
-    o = (w @ vh).transpose(1, 2).to(q.dtype)  # (B, Tq, Hq, Dv)
+    o = weighted_values(w, v).to(q.dtype)
     return (o, w) if return_weights else o
+
+
+def weighted_values(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sum_j w[b, h, i, j] v[b, j, h // G]``: weights ``[B, Hq, Tq, Tk]``, v ``[B, Tk, Hkv, Dv]`` ->
+    ``[B, Tq, Hq, Dv]`` in the weights' dtype."""
+    vh = v.to(w.dtype).transpose(1, 2).repeat_interleave(w.shape[1] // v.shape[2], dim=1)  # (B, Hq, Tk, Dv)
+    return (w @ vh).transpose(1, 2)
 
 
 def sdpa_attention(q, k, v, *, mask, bias, scale, softcap):
