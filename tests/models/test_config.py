@@ -50,6 +50,8 @@ def test_patterns_expand_and_repeat():
     (dict(linear=dict(bogus=1)), "linear.bogus"),
     (dict(norm="layernorm"), "norm"),
     (dict(pad_token_id=300), "pad_token_id"),
+    (dict(initializer_range=0.0), "initializer_range"),
+    (dict(mixer_options={"my_mixer": 3}), "mixer_options"),
     (dict(moe=dict(num_experts=2, num_experts_per_tok=3)), "moe.num_experts_per_tok"),
 ])
 def test_invalid_configs_name_the_field(kwargs, field):

@@ -53,7 +53,8 @@ def _weights_to_save(model) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
-    return {name: t.detach().contiguous() for name, t in state.items()}
+    # safetensors writes from host memory; the copy also unties views that share storage
+    return {name: t.detach().cpu().contiguous() for name, t in state.items()}
 
 
 def _save_native(model, directory: Path) -> None:

@@ -229,6 +229,11 @@ class ModelConfig:
             raise _err("ffn.intermediate_size", "an int >= 1", self.ffn.intermediate_size)
         if self.moe is not None:
             self.moe.validate()
+        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
+            raise _err("initializer_range", "a float > 0", self.initializer_range)
+        if not isinstance(self.mixer_options, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.mixer_options.items()):
+            raise _err("mixer_options", "a dict of {mixer name: dict of options}", self.mixer_options)
 
     @property
     def layer_types(self) -> list[str]:
