@@ -219,7 +219,8 @@ def test_wrong_shape_is_named_with_both_shapes(hf_dir):
 
 def test_mtp_tensors_are_ignored_with_a_warning(hf_dir):
     hf, path = hf_dir
-    _edit_checkpoint(path, lambda t: t.update({"mtp.fc.weight": torch.zeros(48, 96), "mtp.norm.weight": torch.zeros(48)}))
+    extra = {"mtp.fc.weight": torch.zeros(48, 96), "mtp.norm.weight": torch.zeros(48)}
+    _edit_checkpoint(path, lambda t: t.update(extra))
     with pytest.warns(UserWarning, match=r"ignoring 2 multi-token-prediction tensors \(mtp\.\*"):
         ours = HybridLM.from_pretrained(path)
     ids = torch.randint(0, VOCAB, (1, 8))

@@ -118,7 +118,8 @@ def run(*, seq_len: int = 2048, repeats: int = 3, decode_tokens: int = 16, threa
     print_table(
         f"Qwen3-Next (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers 3:1, {cfg['num_experts']} experts "
         f"top-{cfg['num_experts_per_tok']} + shared), CPU fp32, {torch.get_num_threads()} thread(s), "
-        f"T={seq_len}, medians of {repeats} prefills and {repeats * decode_tokens} decode steps; last-logit rel. diff {diff:.1e}",
+        f"T={seq_len}, medians of {repeats} prefills and {repeats * decode_tokens} decode steps; "
+        f"last-logit rel. diff {diff:.1e}",
         ("", "transformers (torch path, no fla)", "hybridattn", "speed-up"),
         [("prefill (s)", f"{med['peer_prefill']:.3f}", f"{med['ours_prefill']:.3f}",
           f"{med['peer_prefill'] / med['ours_prefill']:.2f}x"),

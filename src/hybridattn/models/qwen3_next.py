@@ -43,7 +43,6 @@ from hybridattn.models.config import ModelConfig
 
 MODEL_TYPE = "qwen3_next"
 _LAYER_TYPES = {"linear_attention": "gated_deltanet", "full_attention": "attention"}
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _INDEX = "model.safetensors.index.json"
 
 
@@ -164,6 +163,21 @@ def config_to_transformers(config: ModelConfig, *, dtype: torch.dtype | None = N
 
 
 # -- tensors -----------------------------------------------------------------------------------------------------
+_MOE_PARAM = re.compile(r"^(layers\.\d+\.mlp)\.(router\.weight|gate_up_proj|down_proj)$")
+
+
+def _per_expert(prefix: str, part: str, tensor: torch.Tensor) -> dict:
+    """Per-expert transformers names (``{prefix}.experts.{e}.*_proj.weight``) of a stacked ``gate_up_proj``
+    ``[E, 2I, d]`` (gate rows first) or ``down_proj`` ``[E, d, I]``; the values are views."""
+    if part == "down_proj":
+        return {f"{prefix}.experts.{e}.down_proj.weight": tensor[e] for e in range(tensor.shape[0])}
+    gate, up = tensor.chunk(2, dim=1)
+    out = {}
+    for e in range(tensor.shape[0]):
+        out[f"{prefix}.experts.{e}.gate_proj.weight"], out[f"{prefix}.experts.{e}.up_proj.weight"] = gate[e], up[e]
+    return out
+
+
 def state_dict_to_transformers(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict:
     """transformers tensor names and layouts for a ``HybridLM`` state dict (experts unstacked, one per name).
 
@@ -175,21 +189,13 @@ def state_dict_to_transformers(state_dict: Mapping[str, torch.Tensor], config: M
             if not config.tie_embeddings:
                 out[name] = tensor
             continue
-        moe = re.match(r"^(layers\.\d+\.mlp)\.(router\.weight|gate_up_proj|down_proj)$", name)
+        moe = _MOE_PARAM.match(name)
         if moe is None:
             out["model." + name] = tensor
-            continue
-        prefix, part = "model." + moe.group(1), moe.group(2)
-        if part == "router.weight":
-            out[f"{prefix}.gate.weight"] = tensor
-        elif part == "gate_up_proj":
-            gate, up = tensor.chunk(2, dim=1)
-            for e in range(tensor.shape[0]):
-                out[f"{prefix}.experts.{e}.gate_proj.weight"] = gate[e]
-                out[f"{prefix}.experts.{e}.up_proj.weight"] = up[e]
+        elif moe.group(2) == "router.weight":
+            out[f"model.{moe.group(1)}.gate.weight"] = tensor
         else:
-            for e in range(tensor.shape[0]):
-                out[f"{prefix}.experts.{e}.down_proj.weight"] = tensor[e]
+            out.update(_per_expert("model." + moe.group(1), moe.group(2), tensor))
     return out
 
 
@@ -198,16 +204,11 @@ def _unstack_transformers_experts(tensors: dict) -> dict:
     # first); split them into the per-expert names real checkpoints use, so one name check covers both layouts.
     out = {}
     for name, tensor in tensors.items():
-        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", name)
+        m = re.match(r"^(model\.layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)$", name)
         if m is None:
             out[name] = tensor
-        elif m.group(2) == "gate_up_proj":
-            gate, up = tensor.chunk(2, dim=1)
-            for e in range(tensor.shape[0]):
-                out[f"{m.group(1)}.{e}.gate_proj.weight"], out[f"{m.group(1)}.{e}.up_proj.weight"] = gate[e], up[e]
         else:
-            for e in range(tensor.shape[0]):
-                out[f"{m.group(1)}.{e}.down_proj.weight"] = tensor[e]
+            out.update(_per_expert(m.group(1), m.group(2), tensor))
     return out
 
 
@@ -234,11 +235,8 @@ def state_dict_from_transformers(tensors: Mapping[str, torch.Tensor], expected: 
     unknown = sorted(set(tensors) - set(wanted))
     missing = sorted(set(wanted) - set(tensors))
     if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(f"{len(unknown)} unknown tensor(s): {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        parts = [f"{len(names)} {kind} tensor(s): {', '.join(names[:8])}" + (" ..." if len(names) > 8 else "")
+                 for kind, names in (("unknown", unknown), ("missing", missing)) if names]
         raise ValueError("Qwen3-Next checkpoint does not match its config.json: " + "; ".join(parts))
     bad = [f"{n}: expected {tuple(wanted[n].shape)}, received {tuple(tensors[n].shape)}"
            for n in sorted(wanted) if tuple(wanted[n].shape) != tuple(tensors[n].shape)]
@@ -248,7 +246,7 @@ def state_dict_from_transformers(tensors: Mapping[str, torch.Tensor], expected: 
     for name in expected:
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        moe = re.match(r"^(layers\.\d+\.mlp)\.(router\.weight|gate_up_proj|down_proj)$", name)
+        moe = _MOE_PARAM.match(name)
         if moe is None:
             out[name] = tensors[name if name == "lm_head.weight" else "model." + name]
             continue
@@ -257,7 +255,8 @@ def state_dict_from_transformers(tensors: Mapping[str, torch.Tensor], expected: 
             out[name] = tensors[f"{prefix}.gate.weight"]
         elif part == "gate_up_proj":
             out[name] = torch.stack([torch.cat([tensors[f"{prefix}.experts.{e}.gate_proj.weight"],
-                                                tensors[f"{prefix}.experts.{e}.up_proj.weight"]]) for e in range(n_exp)])
+                                                tensors[f"{prefix}.experts.{e}.up_proj.weight"]])
+                                     for e in range(n_exp)])
         else:
             out[name] = torch.stack([tensors[f"{prefix}.experts.{e}.down_proj.weight"] for e in range(n_exp)])
     return out
