@@ -137,3 +137,33 @@ def test_bad_mask_and_cache():
         model(ids, token_mask=torch.tensor([[True, False, True, True]] * 2))
     with pytest.raises(TypeError, match="cache: expected the ModelCache"):
         model(ids, cache=make_model("gated_deltanet").new_cache(2))
+
+
+@torch.no_grad()
+def test_bfloat16_model_follows_float32():
+    model = make_model("pattern-mixed")
+    low = make_model("pattern-mixed").to(torch.bfloat16)
+    low.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 50, (2, 21))
+    full = low(ids)
+    assert full.dtype == torch.bfloat16
+    assert rel_err(full, model(ids)) <= 3e-2  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+    cache = low.new_cache(2)
+    logits, cache = low(ids[:, :20], cache=cache)
+    step, _ = low(ids[:, 20:], cache=cache)
+    assert rel_err(torch.cat([logits, step], 1), full) <= 3e-2
+    assert all(c.state.dtype == torch.float32 for c in cache.layers if hasattr(c, "state"))
+
+
+def test_moe_feed_forward_layers_follow_the_sparse_step():
+    model = make_model("hybrid-3:1", moe=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                              shared_expert_intermediate_size=16, decoder_sparse_step=2))
+    kinds = [type(layer.mlp).__name__ for layer in model.layers]
+    assert kinds == ["SwiGLU", "MoEFeedForward", "SwiGLU", "MoEFeedForward"]
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.no_grad():
+        padded = model(ids, token_mask=mask)
+        alone = model(ids[1:, 3:])
+    assert rel_err(padded[1, 3:], alone[0]) <= 1e-4

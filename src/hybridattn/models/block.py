@@ -8,6 +8,8 @@ Shape legend: B batch, T time, d model width.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -40,6 +42,8 @@ class HybridBlock(nn.Module):
         self.add_module(self.mixer_name, build_mixer(self.layer_type, config, layer_idx))
         self.post_attention_layernorm = build_norm(config)
         self.mlp = build_ffn(config.ffn_kind(layer_idx), config, layer_idx)
+        # feed-forwards that take the padding mask (MoE: keep padding out of the load-balancing loss) get it
+        self._ffn_takes_mask = "token_mask" in inspect.signature(self.mlp.forward).parameters
 
     @property
     def mixer(self) -> nn.Module:
@@ -48,4 +52,5 @@ class HybridBlock(nn.Module):
     def forward(self, x: torch.Tensor, *, cache=None, token_mask=None) -> torch.Tensor:
         """``[B, T, d] -> [B, T, d]``; ``cache`` is this layer's mixer cache, ``token_mask`` ``[B, T]``."""
         h = x + self.mixer(self.input_layernorm(x), cache=cache, token_mask=token_mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        ffn_kwargs = {"token_mask": token_mask} if self._ffn_takes_mask else {}
+        return h + self.mlp(self.post_attention_layernorm(h), **ffn_kwargs)
