@@ -141,7 +141,8 @@ def qwen3_next_gated_deltanet_reference(layer, x):
         state = state + torch.einsum("bhk,bhv->bhkv", k[:, i], delta)
         out.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * dk ** -0.5, state))
     o = torch.stack(out, 1)  # (B, T, Hv, Dv)
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.norm.eps) * p["norm.weight"] * F.silu(z.reshape(b, t, hv, dv))
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.norm.eps) * p["norm.weight"]
+    o = o * F.silu(z.reshape(b, t, hv, dv))
     return o.reshape(b, t, -1) @ p["out_proj.weight"].T
 
 

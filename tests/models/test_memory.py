@@ -19,12 +19,14 @@ def decode(model, batch, prompt, steps):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", [dict(hybrid="3:1"), dict(pattern="gla, mamba2, A, deltanet"),
-                                    dict(pattern="LA", attention=dict(num_heads=4, num_kv_heads=2, window=16))])
+@pytest.mark.parametrize("layout", [
+    dict(num_layers=4, hybrid="3:1"),
+    dict(num_layers=4, pattern="gla, mamba2, A, deltanet"),
+    dict(num_layers=2, pattern="LA", attention=dict(num_heads=4, num_kv_heads=2, window=16)),  # ring buffer
+])
 def test_plan_equals_actual_cache_bytes(layout, dtype):
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=4 if "hybrid" in layout or "gla" in layout.get("pattern", "")
-                      else 2, linear=dict(num_heads=2, num_v_heads=4, head_dim=8, v_head_dim=8),
-                      attention=layout.pop("attention", dict(num_heads=4, num_kv_heads=2)), **layout)
+    cfg = ModelConfig(vocab_size=64, d_model=32, linear=dict(num_heads=2, num_v_heads=4, head_dim=8, v_head_dim=8),
+                      **{"attention": dict(num_heads=4, num_kv_heads=2), **layout})
     model = HybridLM(cfg).to(dtype)
     cache = decode(model, batch=2, prompt=67, steps=4)  # 71 tokens: the growing KV cache has 128 slots
     kv = [c for c in cache.layers if hasattr(c, "k")]

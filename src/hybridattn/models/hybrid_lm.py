@@ -165,8 +165,8 @@ class HybridLM(nn.Module):
 def _select_positions(h: torch.Tensor, positions) -> torch.Tensor:
     b, t, d = h.shape
     if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dim() not in (1, 2):
-        raise TypeError("logits_at: expected an integer tensor [P] or [B, P], received "
-                        f"{positions if not isinstance(positions, torch.Tensor) else (positions.dtype, tuple(positions.shape))}")
+        got = (positions.dtype, tuple(positions.shape)) if isinstance(positions, torch.Tensor) else positions
+        raise TypeError(f"logits_at: expected an integer tensor [P] or [B, P], received {got}")
     if positions.dim() == 2 and positions.shape[0] != b:
         raise ValueError(f"logits_at: expected [B={b}, P] or [P], received shape {tuple(positions.shape)}")
     if positions.numel() and (int(positions.min()) < -t or int(positions.max()) >= t):

@@ -150,7 +150,8 @@ class QKVMixer(LinearMixer):
         """q, k ``[B, T, Hk, Dk]`` and v ``[B, T, Hv, Dv]`` after the short conv (zero at padding)."""
         b, t, _ = x.shape
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        q, k, v = torch.split(self._short_conv(qkv, cache, token_mask), [self.key_dim, self.key_dim, self.value_dim], -1)
+        qkv = self._short_conv(qkv, cache, token_mask)
+        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
         return (q.reshape(b, t, self.num_heads, self.head_k_dim), k.reshape(b, t, self.num_heads, self.head_k_dim),
                 v.reshape(b, t, self.num_v_heads, self.head_v_dim))
 
