@@ -2,11 +2,13 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hybridattn.layers.registry import register_mixer
 from hybridattn.models.config import PRESETS, ModelConfig
 from hybridattn.models.hybrid_lm import HybridLM
-from hybridattn.models.layout import parse_pattern
+from hybridattn.models.layout import format_pattern, parse_pattern
 
 
 def test_ratio_puts_softmax_at_the_end_of_each_period():
@@ -107,3 +109,17 @@ def test_user_registered_mixer_is_usable_in_layouts():
     ids2 = ids.clone()
     ids2[0, -1] = (ids2[0, -1] + 1) % 256
     assert torch.equal(model(ids2)[:, :-1], out[:, :-1])
+
+
+@given(st.lists(st.sampled_from(["gated_deltanet", "attention", "gla", "mamba2"]), min_size=1, max_size=12),
+       st.integers(1, 4))
+def test_format_pattern_round_trips(block, repeats):
+    names = block * repeats
+    text = format_pattern(names)
+    assert parse_pattern(text, linear="gla", softmax="attention") == names
+    assert len(text) <= len(",".join(names))
+
+
+def test_format_pattern_of_qwen3_next():
+    names = ModelConfig(num_layers=48, hybrid="3:1").layer_types
+    assert format_pattern(names) == "(gated_deltanet*3,attention)*12"

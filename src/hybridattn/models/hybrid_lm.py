@@ -22,6 +22,7 @@ from hybridattn.layers.cache import Cache
 from hybridattn.layers.short_conv import check_left_padding
 from hybridattn.models.block import HybridBlock, build_norm
 from hybridattn.models.config import ModelConfig
+from hybridattn.models.layout import format_pattern
 
 
 class ModelCache:
@@ -83,6 +84,9 @@ class HybridLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+
+    def extra_repr(self) -> str:
+        return f"layout={format_pattern(self.config.layer_types)!r}"
 
     def num_parameters(self) -> int:
         """Parameters counted once (tied embeddings count once)."""

@@ -95,6 +95,26 @@ def parse_pattern(pattern: str, *, linear: str, softmax: str) -> list[str]:
     return layers
 
 
+def format_pattern(names: list[str]) -> str:
+    """The shortest-period pattern string for a list of mixer names: ``["gla"] * 3 + ["attention"]`` repeated
+    twice -> ``"(gla*3,attention)*2"``. ``parse_pattern(format_pattern(names), ...) == names``."""
+    if not names:
+        raise ValueError("names: expected at least one mixer name, received []")
+    n = len(names)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and names[:p] * (n // p) == names)
+    runs: list[list] = []
+    for name in names[:period]:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    body = ",".join(name if count == 1 else f"{name}*{count}" for name, count in runs)
+    repeats = n // period
+    if repeats == 1:
+        return body
+    return f"({body})*{repeats}" if len(runs) > 1 or runs[0][1] > 1 else f"{body}*{repeats}"
+
+
 def parse_ratio(ratio: str) -> tuple[int, int]:
     """``"3:1"`` -> ``(3, 1)``; raises ``ValueError`` naming ``hybrid``."""
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", ratio) if isinstance(ratio, str) else None
