@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from hybridattn.bench.measure import default_device
 from hybridattn.tasks import build_task
 from hybridattn.tasks.text import bits_per_byte
 from hybridattn.train.arena_measure import measure_inference
@@ -53,6 +54,7 @@ class ArenaConfig:
     contexts: list[int] = field(default_factory=lambda: [256, 1024])
     repeats: int = 3                   # timing repeats (medians)
     threads: int | None = None         # torch CPU threads for the whole sweep (None: leave as is)
+    device: str | None = None          # None: CUDA when available, else the CPU
     thesis: dict | None = None
     save_models: bool = True           # save seed 0's model of each (task, model, width) for `viz attention`
 
@@ -118,6 +120,7 @@ def run_arena(config: ArenaConfig, out_dir, *, progress: bool = True, log=print)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = default_device(config.device)
     runs, measured = [], {}
     started = time.perf_counter()
     for task_spec in config.tasks:
@@ -128,6 +131,7 @@ def run_arena(config: ArenaConfig, out_dir, *, progress: bool = True, log=print)
                 for seed in range(config.seeds):
                     torch.manual_seed(seed)
                     model = build_model(spec, base=config.model, width=width, vocab_size=task.vocab_size)
+                    model = model.to(device)
                     train_cfg = TrainConfig(**{**config.train, "seed": seed, "progress": progress})
                     log(f"[arena] {task.name} | {label} | d={width} | seed {seed}")
                     t0 = time.perf_counter()
@@ -157,7 +161,7 @@ def run_arena(config: ArenaConfig, out_dir, *, progress: bool = True, log=print)
     results = {
         "config": dataclasses.asdict(config), "runs": runs, "summary": summarize(runs),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": str(next(model.parameters()).device),
+                        "device": str(device),
                         "wall_seconds": time.perf_counter() - started},
     }
     results["thesis"] = check_thesis(results["summary"], config.thesis) if config.thesis else None
