@@ -215,12 +215,15 @@ def _chunk(q, k, v, g, beta, scale, h0, chunk_size, *, return_attention=False):
     p = (q @ kt).mul_(decay * scale)  # (N, B*H, C, C), causal inclusive
     # The only sequential part, per chunk: the values it writes given the incoming state (u - W S), its output
     # (the state's read plus the intra-chunk attention), and the state hand-off.
+    # unbind, not indexing: the backward of N selects would build N full-size zero gradients.
     s = q.new_zeros(b * h, dk, dv) if h0 is None else h0.reshape(b * h, dk, dv)
     outs = []
-    for i in range(n):
-        new = torch.baddbmm(u[i], w[i], s, alpha=-1)
-        outs.append(torch.baddbmm(p[i] @ new, q_read[i], s))
-        s = torch.baddbmm(s if last is None else last[i] * s, kd[i].transpose(-1, -2), new)
+    lasts = [None] * n if last is None else last.unbind(0)
+    for u_i, w_i, p_i, q_i, kd_i, last_i in zip(u.unbind(0), w.unbind(0), p.unbind(0), q_read.unbind(0),
+                                               kd.transpose(-1, -2).unbind(0), lasts):
+        new = torch.baddbmm(u_i, w_i, s, alpha=-1)
+        outs.append(torch.baddbmm(p_i @ new, q_i, s))
+        s = torch.baddbmm(s if last_i is None else last_i * s, kd_i, new)
     o = torch.stack(outs).reshape(n, b, h, c, dv).permute(1, 0, 3, 2, 4).reshape(b, n * c, h, dv)[:, :t]
     attention = None
     if return_attention:

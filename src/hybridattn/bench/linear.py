@@ -1,0 +1,166 @@
+"""Benchmark: the gated delta rule on CPU (``python -m hybridattn.bench.linear``).
+
+Targets (issue 3), at B=1, T=4,096, H=8, Dk=Dv=128, fp32, each printed as a ratio measured in this run:
+
+- chunk forward >= 2x faster than fla's ``naive_chunk_gated_delta_rule`` and >= 3x faster than transformers'
+  ``torch_chunk_gated_delta_rule`` (Qwen3-Next's CPU fallback);
+- forward + backward >= 3x faster than autograd through the transformers function;
+- FLOP efficiency: counted FLOPs / time >= 50% of this run's fp32 matmul throughput (the count is printed);
+- recurrent decoding: one step's time after 64K consumed tokens within 1.25x of that after 1K (flat);
+- chunk-mode peak memory grows linearly in T: bytes per token at 64K within 1.25x of that at 4K.
+
+Peers are optional (``pip install .[bench]``); a missing peer prints its row as skipped. ``--quick`` runs the same
+code at small sizes as a smoke test (its ratios are not the targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from hybridattn.bench.measure import (
+    TargetRow, format_bytes, matmul_flops_per_second, median_time, peak_memory, print_table, print_targets,
+)
+from hybridattn.ops import gated_delta_rule
+
+FLOP_FORMULA = "B*H*T*(2*C*(3*Dk + 2*Dv) + 6*Dk*Dv)"
+
+
+def chunk_flops(b: int, t: int, h: int, dk: int, dv: int, c: int) -> int:
+    """Matmul FLOPs of the chunk form per ``FLOP_FORMULA``: per chunk and head ``K K^T``, ``Q K^T``,
+    ``T^-1 [K_w | V_beta]`` (``2 C^2 (3 Dk + 2 Dv)`` with ``P @ new``) and ``W S``, ``Q S``, ``Kd^T new``
+    (``6 C Dk Dv``). The ``C x C`` triangular inverse (``~C^3 / 3``) is left out, which only lowers the
+    reported efficiency."""
+    return b * h * t * (2 * c * (3 * dk + 2 * dv) + 6 * dk * dv)
+
+
+def _inputs(b, t, h, dk, dv, *, grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, dk, generator=gen)
+    k = F.normalize(torch.randn(b, t, h, dk, generator=gen), dim=-1)
+    v = torch.randn(b, t, h, dv, generator=gen)
+    g = F.logsigmoid(torch.randn(b, t, h, generator=gen) + 2.0)
+    beta = torch.sigmoid(torch.randn(b, t, h, generator=gen))
+    return [x.requires_grad_(grad) for x in (q, k, v, g, beta)]
+
+
+def _peers():
+    """The peer implementations that import, by name: callables ``(q, k, v, g, beta) -> (o, state)``."""
+    peers = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
+
+            # The public name dispatches to fla's Triton kernel when fla is installed; unwrap to the torch code.
+            peers["transformers"] = inspect.unwrap(qwen3_next.torch_chunk_gated_delta_rule)
+        except ImportError:
+            pass
+        try:
+            from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+
+            peers["fla"] = naive_chunk_gated_delta_rule
+        except ImportError:
+            pass
+    return peers
+
+
+def _fwd_bwd(fn, inputs):
+    def step():
+        o, _ = fn(*inputs)
+        o.sum().backward()
+        for x in inputs:
+            x.grad = None
+
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not the targets")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    p.add_argument("--chunk-size", type=int, default=64)
+    args = p.parse_args(argv)
+    b, t, h, d = (1, 256, 2, 32) if args.quick else (1, 4096, 8, 128)
+    lengths = (256, 512, 1024) if args.quick else (4096, 16384, 65536)
+    decode_after = (64, 1024) if args.quick else (1024, 65536)
+    c, reps = args.chunk_size, args.repeats
+    peers = _peers()
+    ours = lambda *x: gated_delta_rule(*x, chunk_size=c)  # noqa: E731
+    print(f"gated_delta_rule at B={b} T={t} H={h} Dk=Dv={d} fp32, chunk_size={c}, "
+          f"{torch.get_num_threads()} threads, medians of {reps}")
+
+    rows, times = [], []
+    inputs = _inputs(b, t, h, d, d)
+    with torch.no_grad():
+        t_ours = median_time(lambda: ours(*inputs), repeats=reps, warmup=1)
+        times.append(("ours chunk forward", t_ours))
+        for name, goal in (("fla", 2.0), ("transformers", 3.0)):
+            if name not in peers:
+                print(f"skipped: {name} forward (not installed)")
+                continue
+            t_peer = median_time(lambda: peers[name](*inputs), repeats=max(3, reps // 2), warmup=1)
+            times.append((f"{name} chunk forward", t_peer))
+            rows.append(TargetRow(f"forward vs {name}", f">= {goal}x", f"{t_peer:.3f}s / {t_ours:.3f}s",
+                                  t_peer / t_ours, goal))
+
+    grads = _inputs(b, t, h, d, d, grad=True)
+    t_ours_fb = median_time(_fwd_bwd(ours, grads), repeats=reps, warmup=1)
+    times.append(("ours forward+backward", t_ours_fb))
+    if "transformers" in peers:
+        t_peer_fb = median_time(_fwd_bwd(peers["transformers"], grads), repeats=max(3, reps // 2), warmup=1)
+        times.append(("transformers forward+backward", t_peer_fb))
+        rows.append(TargetRow("fwd+bwd vs transformers", ">= 3x", f"{t_peer_fb:.3f}s / {t_ours_fb:.3f}s",
+                              t_peer_fb / t_ours_fb, 3.0))
+    else:
+        print("skipped: transformers forward+backward (not installed)")
+
+    peak = matmul_flops_per_second(torch.float32, torch.device("cpu"))
+    flops = chunk_flops(b, t, h, d, d, c)
+    achieved = flops / t_ours
+    print(f"counted FLOPs = {FLOP_FORMULA} = {flops / 1e9:.2f} GFLOP; "
+          f"fp32 matmul {peak / 1e9:.1f} GFLOP/s, ours {achieved / 1e9:.1f} GFLOP/s")
+    rows.append(TargetRow("FLOP efficiency (chunk fwd)", ">= 50% of matmul",
+                          f"{achieved / 1e9:.1f} / {peak / 1e9:.1f} GFLOP/s", achieved / peak, 0.5))
+
+    # Decoding: consume tokens with a chunked prefill, then time single recurrent steps on that state.
+    step_times = {}
+    with torch.no_grad():
+        for n_tok in decode_after:
+            q, k, v, g, beta = _inputs(b, n_tok, h, d, d, seed=1)
+            _, state = gated_delta_rule(q, k, v, g, beta, chunk_size=c, output_final_state=True)
+            step = [x[:, -1:] for x in (q, k, v, g, beta)]
+            step_times[n_tok] = median_time(
+                lambda: gated_delta_rule(*step, initial_state=state, mode="recurrent", output_final_state=True),
+                repeats=max(25, reps), warmup=3,
+            )
+    lo, hi = decode_after
+    rows.append(TargetRow(f"decode step after {hi} vs {lo} tokens", "<= 1.25x",
+                          f"{step_times[hi] * 1e3:.3f} ms / {step_times[lo] * 1e3:.3f} ms",
+                          step_times[hi] / step_times[lo], 1.25, higher_is_better=False))
+
+    mem = {}
+    with torch.no_grad():
+        for n_tok in lengths:
+            x = _inputs(b, n_tok, h, d, d, seed=2)
+            mem[n_tok] = peak_memory(lambda: ours(*x))
+    per_tok = {n: mem[n] / n for n in lengths}
+    rows.append(TargetRow(f"peak memory per token, {lengths[-1]} vs {lengths[0]}", "<= 1.25x",
+                          f"{format_bytes(per_tok[lengths[-1]])} / {format_bytes(per_tok[lengths[0]])}",
+                          per_tok[lengths[-1]] / per_tok[lengths[0]], 1.25, higher_is_better=False))
+
+    print_table("times (median)", ("what", "seconds"), [(n, f"{s:.4f}") for n, s in times])
+    print_table("decode step", ("tokens consumed", "ms per step"),
+                [(n, f"{s * 1e3:.3f}") for n, s in step_times.items()])
+    print_table("chunk forward peak memory", ("T", "peak", "per token"),
+                [(n, format_bytes(mem[n]), format_bytes(per_tok[n])) for n in lengths])
+    ok = print_targets("gated_delta_rule targets" + (" (--quick: not the targets)" if args.quick else ""), rows)
+    return 0 if ok or args.quick else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
