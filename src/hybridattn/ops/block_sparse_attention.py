@@ -95,10 +95,12 @@ class _GatherRows(torch.autograd.Function):
         (inv,) = ctx.saved_tensors
         n, r = inv.shape
         s = grad.shape[1]
-        pad = inv == s
-        out = grad.index_select(1, inv.flatten().clamp(max=s - 1)).view(grad.shape[0], n, r, *grad.shape[2:])
-        if bool(pad.any()):
-            out[:, pad] = 0  # slots that read nothing; touching only them is cheaper than padding grad
+        flat = inv.flatten()
+        out = grad.index_select(1, flat.clamp(max=s - 1))  # (B, n * r, F...)
+        empty = torch.nonzero(flat == s).flatten()
+        if empty.numel():
+            out.index_fill_(1, empty, 0)  # slots that read nothing; touching only them is cheaper than padding grad
+        out = out.view(grad.shape[0], n, r, *grad.shape[2:])
         return (out.squeeze(2) if r == 1 else out.sum(2)), None, None
 
 
@@ -262,8 +264,11 @@ def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: f
         vg = gather_rows(vp, flat_k, grp.k_inv).view(b * g, m * bkk, hkv, dv).transpose(1, 2)
         attn_mask = None
         if grp.keep is not None:
-            keep = grp.additive_mask(q.dtype).expand(b, g, *grp.keep.shape[2:])
-            attn_mask = keep.reshape(b * g, keep.shape[2], bq, m * bkk)
+            keep = grp.additive_mask(q.dtype)
+            if keep.shape[:2] == (1, 1):
+                attn_mask = keep[0]  # one tile mask for the whole group: SDPA broadcasts it, no copy
+            else:
+                attn_mask = keep.expand(b, g, *keep.shape[2:]).reshape(b * g, keep.shape[2], bq, m * bkk)
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, scale=scale, enable_gqa=hq != hkv)
         if not grp.rows_kept:
             kept = grp.keep.any(-1, keepdim=True).expand(b, g, *grp.keep.shape[2:-1], 1)
