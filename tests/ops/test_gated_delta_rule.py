@@ -222,3 +222,125 @@ def test_parallel_returns_the_implicit_attention_matrix():
                                    return_attention=True)
     assert (packed[:, :, :13, :13] - first).abs().max().item() <= 1e-12
     assert packed[:, :, 13:, :13].abs().max().item() == 0.0
+
+
+# -- stress ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("g_scale", [0.0, 40.0], ids=["no-decay", "fast-decay"])
+@pytest.mark.parametrize("mode", FORMS)
+def test_extreme_gates_match_reference(mode, g_scale):
+    """g = 0 (no forgetting) and g around -40 per token (exp underflows to 0 within a chunk)."""
+    inputs = make_inputs(1, 70, 1, 2, 12, 12, g_scale=g_scale)
+    if g_scale:
+        inputs["g"] = inputs["g"] - 40.0
+    want = run(naive_recurrent_gated_delta_rule, inputs)
+    got = run(gated_delta_rule, inputs, mode=mode, chunk_size=32)
+    for x in (got[0], got[1], *got[2].values()):
+        assert torch.isfinite(x).all()
+    assert_all_close(got, want, atol=1e-10)
+
+
+def test_long_sequence_chunk_forward_is_finite():
+    """T = 131,072 with strong decay: the cumulative log-decay reaches about -1e6 over the sequence, which would
+    overflow exp() if it were not kept chunk-local."""
+    t = 131_072
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, t, 1, 8, generator=gen)
+    k = F.normalize(torch.randn(1, t, 1, 8, generator=gen), dim=-1)
+    v = torch.randn(1, t, 1, 8, generator=gen)
+    g = -8.0 * torch.rand(1, t, 1, generator=gen)
+    beta = torch.rand(1, t, 1, generator=gen)
+    with torch.no_grad():
+        o, s = gated_delta_rule(q, k, v, g, beta, output_final_state=True, chunk_size=64)
+        assert torch.isfinite(o).all() and torch.isfinite(s).all()
+        # The tail depends only on recent tokens (strong decay): a recurrent pass over the last 256 tokens,
+        # started from the chunk form's state there, must give the same outputs.
+        cut = t - 256
+        _, s_cut = gated_delta_rule(q[:, :cut], k[:, :cut], v[:, :cut], g[:, :cut], beta[:, :cut],
+                                    output_final_state=True)
+        tail = (x[:, cut:] for x in (q, k, v, g, beta))
+        o_tail, s_tail = gated_delta_rule(*tail, initial_state=s_cut, output_final_state=True, mode="recurrent")
+    assert rel_err(o[:, cut:], o_tail) <= 1e-5 and rel_err(s, s_tail) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_bfloat16_within_tolerance_of_float32(mode):
+    """bf16 inputs (state kept in fp32 inside) against fp32 on the same rounded values: only the output's
+    rounding to bf16 differs, relative error <= 1e-2 (bf16 has an 8-bit mantissa: 2^-8 = 3.9e-3 per element)."""
+    inputs = make_inputs(2, 45, 2, 4, 12, 20, dtype=torch.bfloat16)
+    q, k, v, g, beta, h0 = (inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, mode=mode)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    o32, s32 = gated_delta_rule(*(x.float() for x in (q, k, v, g, beta)), initial_state=h0.float(),
+                                output_final_state=True, mode=mode)
+    assert rel_err(o, o32) <= 1e-2 and rel_err(s, s32) <= 1e-5
+    # And against the float64 computation on the unrounded inputs, the bf16 pipeline stays within 2e-2.
+    ref = make_inputs(2, 45, 2, 4, 12, 20)
+    o64, _ = naive_recurrent_gated_delta_rule(*(ref[n] for n in ("q", "k", "v", "g", "beta")),
+                                              initial_state=ref["initial_state"])
+    assert rel_err(o, o64) <= 2e-2
+
+
+# -- an independent implementation: transformers' Qwen3-Next fallback --------------------------------------------
+def _transformers_rules():
+    mod = pytest.importorskip(
+        "transformers.models.qwen3_next.modeling_qwen3_next",
+        reason="transformers (with Qwen3-Next) is a test-only dependency: pip install .[bench]",
+    )
+    # The public names dispatch to fla's Triton kernels when fla is installed; unwrap to the torch code.
+    return inspect.unwrap(mod.torch_recurrent_gated_delta_rule), inspect.unwrap(mod.torch_chunk_gated_delta_rule)
+
+
+@pytest.mark.needs_transformers
+@pytest.mark.parametrize("l2norm", [False, True], ids=["raw-qk", "l2norm-qk"])
+@pytest.mark.parametrize("mode", FORMS)
+def test_matches_transformers_qwen3_next(mode, l2norm):
+    """transformers computes in fp32, scales q by Dk^-0.5 (our default) and uses GVA by repeat_interleave."""
+    tf_recurrent, tf_chunk = _transformers_rules()
+    inputs = make_inputs(2, 70, 2, 4, 16, 24, dtype=torch.float32)
+    q, k, v, g, beta, h0 = (inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, mode=mode,
+                            use_qk_l2norm=l2norm)
+    for fn in (tf_recurrent, tf_chunk):
+        o_tf, s_tf = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                        use_qk_l2norm_in_kernel=l2norm)
+        assert rel_err(o, o_tf) <= 1e-5 and rel_err(s, s_tf) <= 1e-5
+
+
+# -- validation --------------------------------------------------------------------------------------------------
+def _valid():
+    x = make_inputs(1, 8, 2, 4, 6, 5)
+    return [x[n] for n in ("q", "k", "v", "g", "beta")]
+
+
+@pytest.mark.parametrize(
+    "change, options, error, match",
+    [
+        (lambda a: a.__setitem__(2, a[2][:, :, :3]), {}, ValueError, "v: expected a head count divisible"),
+        (lambda a: a.__setitem__(1, a[1][..., :5]), {}, ValueError, "k: expected shape"),
+        (lambda a: a.__setitem__(3, a[3][:, :, :2]), {}, ValueError, "g: expected shape"),
+        (lambda a: a.__setitem__(4, a[4][0]), {}, ValueError, "beta: expected 3 dimensions"),
+        (lambda a: a.__setitem__(2, a[2].float()), {}, TypeError, "v: expected dtype torch.float64"),
+        (lambda a: None, {"mode": "fused"}, ValueError, "mode: expected one of"),
+        (lambda a: None, {"chunk_size": 0}, ValueError, "chunk_size"),
+        (lambda a: None, {"return_attention": True}, ValueError, "return_attention: expected mode='parallel'"),
+        (lambda a: None, {"initial_state": torch.zeros(1, 4, 5, 6, dtype=torch.float64)}, ValueError,
+         "initial_state: expected shape"),
+        (lambda a: None, {"cu_seqlens": torch.tensor([0, 3, 9])}, ValueError, "cu_seqlens"),
+        (lambda a: None, {"scale": "big"}, TypeError, "scale"),
+    ],
+    ids=["gva-heads", "k-shape", "g-shape", "beta-ndim", "v-dtype", "mode", "chunk-size", "attention-mode",
+         "state-shape", "cu-seqlens", "scale-type"],
+)
+def test_validation_names_the_argument(change, options, error, match):
+    args = _valid()
+    change(args)
+    with pytest.raises(error, match=match):
+        gated_delta_rule(*args, **options)
+
+
+def test_empty_sequence_returns_initial_state():
+    args = [x[:, :0] for x in _valid()]
+    h0 = torch.randn(1, 4, 6, 5, dtype=torch.float64)
+    for mode in FORMS:
+        o, s = gated_delta_rule(*args, initial_state=h0, output_final_state=True, mode=mode)
+        assert o.shape == (1, 0, 4, 5) and torch.equal(s, h0)
