@@ -227,7 +227,7 @@ class MoEFeedForward(nn.Module):
             gate, up = F.linear(tokens[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
             # The routing weight scales the I-wide hidden rather than the d-wide output: fewer multiplies when I < d.
             hidden = act(gate) * up * sorted_weights[rows]
-            out = out.index_add(0, token_of[rows], F.linear(hidden, self.down_proj[e]))
+            out.index_add_(0, token_of[rows], F.linear(hidden, self.down_proj[e]))  # in place: no N x d copy
             start += count
         return out
 
