@@ -167,3 +167,14 @@ def test_moe_feed_forward_layers_follow_the_sparse_step():
         padded = model(ids, token_mask=mask)
         alone = model(ids[1:, 3:])
     assert rel_err(padded[1, 3:], alone[0]) <= 1e-4
+
+
+def test_skeleton_is_shape_only_and_receives_weights():
+    model = make_model("pattern-mixed")
+    skeleton = HybridLM.skeleton(model.config)
+    assert skeleton.num_parameters() == model.num_parameters()
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    skeleton.load_state_dict(model.state_dict(), assign=True)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids), model(ids))

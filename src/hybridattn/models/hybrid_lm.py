@@ -15,6 +15,8 @@ Shape legend: B batch, T tokens of this call, V vocabulary, d model width, P sco
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -23,6 +25,21 @@ from hybridattn.layers.short_conv import check_left_padding
 from hybridattn.models.block import HybridBlock, build_norm
 from hybridattn.models.config import ModelConfig
 from hybridattn.models.layout import format_pattern
+
+
+@contextlib.contextmanager
+def no_init():
+    """Make torch's in-place initialisers no-ops while building shape-only (meta) modules: there they only
+    cost time (their first call imports torch's decompositions, seconds), and a skeleton needs no values."""
+    names = ("normal_", "uniform_", "zeros_", "ones_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 class ModelCache:
@@ -71,9 +88,17 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_layers))
         self.norm = build_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.reset_parameters()
+        if self.embed_tokens.weight.device.type != "meta":  # meta tensors hold no values to initialise
+            self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def skeleton(cls, config: ModelConfig) -> "HybridLM":
+        """A shape-only model on the ``meta`` device, built without initialising anything: to count parameters
+        or to receive a checkpoint with ``load_state_dict(weights, assign=True)``."""
+        with torch.device("meta"), no_init():
+            return cls(config)
 
     def reset_parameters(self) -> None:
         """Normal(0, ``initializer_range``) for every linear and embedding weight, zero biases; mixer-specific

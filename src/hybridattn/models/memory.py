@@ -16,7 +16,6 @@ Shape legend: B batch, T context, H heads, D head dim, K conv kernel, C conv cha
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -78,30 +77,16 @@ def _cache_bytes(cache, context: int, kind: KindMemory) -> None:
         kind.state_bytes += cache.nbytes()
 
 
-@contextlib.contextmanager
-def _no_init():
-    """Make the in-place initialisers no-ops: on the meta device they only cost time (their first call imports
-    torch's decompositions, seconds), and the planner needs shapes, not values."""
-    names = ("normal_", "uniform_", "zeros_", "ones_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
-
-
 def _layer_plans(config, batch: int, dtype: torch.dtype):
     """One meta-device block per distinct (mixer, feed-forward) pair: its parameter count and an empty cache.
     Layers of the same pair are built from the same config, so they have the same sizes; building each of
     them (48 MoE layers for Qwen3-Next-80B) would only cost time."""
     from hybridattn.models.block import HybridBlock
+    from hybridattn.models.hybrid_lm import no_init
 
     built: dict[tuple[str, str], tuple[int, object]] = {}
     out = []
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"), no_init():
         for i, name in enumerate(config.layer_types):
             key = (name, config.ffn_kind(i))
             if key not in built:
