@@ -132,3 +132,10 @@ def test_softmax_attention_backend_and_auto_dispatch():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="block_sparse"):
         softmax_attention(q[:, :8], k[:, :8], v[:, :8], softcap=5.0, backend="block_sparse")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [64, 128])
+def test_long_sequences_with_production_tiles(block):
+    spec = masks.longformer(100, [0, 500]) & masks.causal() | masks.bigbird(1, 1, 2, block=64, seed=2, causal=True)
+    _compare(spec, b=1, tq=1001, tk=1001, hq=4, hkv=1, d=32, dv=32, block_q=block, block_k=block)
