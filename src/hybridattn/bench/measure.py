@@ -13,8 +13,12 @@ value is the true peak of live bytes, not the sum of every allocation.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -79,10 +83,35 @@ def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, 
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Some torch builds print ``USDT: ... profiler_start/stop`` lines to fd 2 on every profile; drop those and
+    pass anything else written meanwhile through to stderr."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(True) if not ln.startswith("USDT:")]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def _cpu_peak_from_profiler(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # The kineto result keeps one "[memory]" record per allocation (+bytes) and free (-bytes) with its timestamp;
     # the public FunctionEvent list folds them into the enclosing op, which would hide temporaries freed inside it.

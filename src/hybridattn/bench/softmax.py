@@ -67,7 +67,7 @@ def auto_vs_sdpa(t, heads, dim, rounds, device) -> list[TargetRow]:
             med = _alternating_medians({"auto": ours, "sdpa": raw}, rounds, device)
         rows.append(TargetRow(
             f"auto vs SDPA, T={t:,}, {mode}", ">= 0.95",
-            f"auto {med['auto'] * 1e3:.1f} ms, sdpa {med['sdpa'] * 1e3:.1f} ms",
+            f"auto {med['auto'] * 1e3:.2f} ms, sdpa {med['sdpa'] * 1e3:.2f} ms",
             ratio=med["sdpa"] / med["auto"], threshold=0.95,
         ))
     return rows
