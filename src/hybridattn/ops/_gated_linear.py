@@ -165,47 +165,48 @@ def parallel_form(q, k, v, g, scale, h0, pair_weights: PairWeights):
     return o, s, A
 
 
-def _chunk_states(ds: torch.Tensor, decay, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The only sequential part: states at the start of each chunk, ``[B, H, Nc, Dk, Dv]``, and the final one.
-    ``ds`` ``[B, H, Nc, Dk, Dv]`` is each chunk's own contribution, ``decay`` ``[B, H, Nc, Dk|1]`` its total decay."""
-    if decay is None:  # no decay: the hand-off is an exclusive prefix sum
-        inclusive = h0.unsqueeze(2) + ds.cumsum(2)
-        return torch.cat([h0.unsqueeze(2), inclusive[:, :, :-1]], dim=2), inclusive[:, :, -1]
-    states = []
-    s = h0
-    for c in range(ds.shape[2]):
-        states.append(s)
-        s = decay[:, :, c, :, None] * s + ds[:, :, c]
-    return torch.stack(states, dim=2), s
-
-
 def chunk_form(q, k, v, g, scale, h0, chunk_size: int, intra_chunk: IntraChunk):
     """Chunkwise-parallel: every chunk's intra-chunk work in one batch, then the state hand-off chunk by chunk.
 
-    The cumulative log-decay ``G`` restarts at every chunk, so each exponent is a difference inside one chunk
-    (or ``G <= 0`` itself): nothing overflows whatever T is.
+    Per chunk, with ``G`` the chunk-local cumulative log-decay and ``S`` the state at the chunk start::
+
+        O      = A V + (scale Q * exp(G)) S                   # A from intra_chunk (scale included)
+        S_next = diag(exp(G_C)) S + (K * exp(G_C - G))^T V
+
+    ``G`` restarts at every chunk, so each exponent is a difference inside one chunk (or ``G <= 0`` itself):
+    nothing overflows whatever T is. Only the loop over chunks is sequential; each step is one
+    ``[C, Dk] @ [Dk, Dv]`` product and an update of the ``[Dk, Dv]`` state.
     """
     b, h, t, dk = q.shape
     dv = v.shape[-1]
-    s0 = h0 if h0 is not None else q.new_zeros(b, h, dk, dv)
+    s = h0 if h0 is not None else q.new_zeros(b, h, dk, dv)
     if t == 0:
-        return v.new_zeros(b, h, 0, dv), s0
+        return v.new_zeros(b, h, 0, dv), s
     c = min(chunk_size, t)
     nc = -(-t // c)
     pad = nc * c - t
-    # zero keys/values/decays past the end change neither the outputs we keep nor the final state
-    q, k, v = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (nc, c)) for x in (scale * q, k, v))  # [B, H, Nc, C, D]
+    # zero keys/values/decays past the end change neither the outputs we keep nor the final state; one copy
+    # into a contiguous chunk layout, else every matmul below would copy its operands again
+    q, k, v = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (nc, c)).contiguous() for x in (q, k, v))  # [B, H, Nc, C, D]
     if g is not None:
         G = F.pad(g, (0, 0, 0, pad)).unflatten(2, (nc, c)).cumsum(-2)  # chunk-local, <= 0
         G_last = G[..., -1:, :]
-        q_in = q * G.exp()
+        q_in = q * (scale * G.exp())
         k_out = k * (G_last - G).exp()
-        decay = G_last.squeeze(-2).exp()
+        decay = G_last.squeeze(-2).unsqueeze(-1).exp()  # [B, H, Nc, Dk|1, 1]
     else:
-        G, q_in, k_out, decay = None, q, k, None
-    states, s_final = _chunk_states(k_out.transpose(-1, -2) @ v, decay, s0)
-    o = q_in @ states + intra_chunk(q, k, G) @ v
-    return o.flatten(2, 3)[:, :, :t], s_final
+        G, q_in, k_out, decay = None, q * scale, k, None
+    ds = k_out.transpose(-1, -2) @ v  # [B, H, Nc, Dk, Dv]: each chunk's own contribution, all at once
+    o_intra = (intra_chunk(q, k, G) * scale) @ v
+    # unbind, not indexing in the loop: the backward of x[:, :, i] would build a full-size zero tensor per chunk
+    # (quadratic in T), while unbind's backward is one stack
+    decays = decay.unbind(2) if decay is not None else [None] * nc
+    outs = []
+    for o_i, q_i, ds_i, decay_i in zip(o_intra.unbind(2), q_in.unbind(2), ds.unbind(2), decays):
+        outs.append(torch.baddbmm(o_i.flatten(0, 1), q_i.flatten(0, 1), s.flatten(0, 1)))
+        s = (decay_i * s if decay_i is not None else s) + ds_i
+    o = torch.stack(outs, dim=1).view(b, h, nc * c, dv)
+    return o[:, :, :t], s
 
 
 # -- the dispatcher ---------------------------------------------------------------------------------------------
