@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import statistics
 import warnings
 
 import torch
@@ -84,7 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not the targets")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for every measurement, ours and the peers' (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     b, t, h, d = (1, 256, 2, 32) if args.quick else (1, 4096, 8, 128)
     lengths = (256, 512, 1024) if args.quick else (4096, 16384, 65536)
     decode_after = (64, 1024) if args.quick else (1024, 65536)
@@ -127,17 +132,22 @@ def main(argv=None) -> int:
     rows.append(TargetRow("FLOP efficiency (chunk fwd)", ">= 50% of matmul",
                           f"{achieved / 1e9:.1f} / {peak / 1e9:.1f} GFLOP/s", achieved / peak, 0.5))
 
-    # Decoding: consume tokens with a chunked prefill, then time single recurrent steps on that state.
-    step_times = {}
+    # Decoding: consume tokens with a chunked prefill, then time single recurrent steps on each state. The two
+    # lengths are timed in alternation so that machine noise falls on both alike.
+    steps = {}
     with torch.no_grad():
         for n_tok in decode_after:
             q, k, v, g, beta = _inputs(b, n_tok, h, d, d, seed=1)
             _, state = gated_delta_rule(q, k, v, g, beta, chunk_size=c, output_final_state=True)
-            step = [x[:, -1:] for x in (q, k, v, g, beta)]
-            step_times[n_tok] = median_time(
-                lambda: gated_delta_rule(*step, initial_state=state, mode="recurrent", output_final_state=True),
-                repeats=max(25, reps), warmup=3,
+            one = [x[:, -1:] for x in (q, k, v, g, beta)]
+            steps[n_tok] = lambda one=one, state=state: gated_delta_rule(
+                *one, initial_state=state, mode="recurrent", output_final_state=True
             )
+        samples = {n: [] for n in decode_after}
+        for _ in range(max(25, reps)):
+            for n_tok, fn in steps.items():
+                samples[n_tok].append(median_time(fn, repeats=1, warmup=1))
+    step_times = {n: statistics.median(ts) for n, ts in samples.items()}
     lo, hi = decode_after
     rows.append(TargetRow(f"decode step after {hi} vs {lo} tokens", "<= 1.25x",
                           f"{step_times[hi] * 1e3:.3f} ms / {step_times[lo] * 1e3:.3f} ms",
