@@ -6,7 +6,8 @@ model's own device, with ``hybridattn.bench.measure`` (medians over repeats; CUD
 - prefill latency at context ``C``: one forward over ``C`` tokens filling a fresh cache;
 - decode latency at context ``C``: the median time of one single-token step after a prefill of ``C``;
 - cache bytes at ``C``: ``cache.nbytes()`` after the prefill — KV entries of the softmax layers plus the
-  recurrent state and short-conv tail of the linear ones;
+  recurrent state and short-conv tail of the linear ones; these are allocated bytes, so a KV cache shorter
+  than its initial capacity (64 entries) counts that capacity;
 - peak memory: the peak of live bytes during the prefill at the evaluation length.
 
 A model without ``new_cache`` (any plain ``input_ids -> logits`` module) gets prefill latency only; its

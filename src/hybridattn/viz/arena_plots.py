@@ -75,7 +75,7 @@ def plot_accuracy_bars(results: dict, path) -> Path:
     ax.set_xticks(range(len(summary)), [f"{lab}\n({r['ratio']})" for lab, r in zip(labels, summary)],
                   fontsize=7, rotation=20, ha="right")
     ax.set_ylim(0, 1.08)
-    ax.set_ylabel("accuracy (mean; bar = seed min..max; dots = seeds)")
+    ax.set_ylabel("accuracy: mean, seed range, seeds")
     ax.set_title("Accuracy per mechanism and linear:softmax ratio")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, Path(path))
