@@ -129,7 +129,7 @@ def test_greedy_generation_matches_transformers(hf_dir):
     assert torch.equal(got, want)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~12 s alone, over a minute on the loaded shared machine
 def test_chunked_prefill_2048_tokens_matches_transformers(hf_dir):
     # Several 64-token chunks and the state hand-off between them, plus a recurrent step after the prefill.
     hf, path = hf_dir
