@@ -220,6 +220,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``config.steps`` (resuming from ``checkpoint_dir`` when it holds a checkpoint)."""
         cfg = self.config
+        torch.manual_seed(cfg.seed)   # dropout and any sampling in the model; a resume restores the saved state
         self.resume()
         tokens = train_time = 0.0
         with _progress(cfg.progress and self.dist.is_main, cfg.steps, self.step) as bar:
