@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hybridattn.layers.moe import MoEFeedForward, is_moe_layer, load_balancing_loss, naive_moe
+from hybridattn.layers.moe import MoEFeedForward, load_balancing_loss, naive_moe
 
 CASES = [  # (B, T, d, E, k, I, shared, norm)
     (2, 7, 12, 5, 2, 10, 6, True),
@@ -121,10 +121,16 @@ def test_aux_loss_attribute_and_gradient():
     assert layer.router.weight.grad.abs().sum() > 0
 
 
-def test_is_moe_layer_rule():
-    got = [is_moe_layer(i, num_experts=4, decoder_sparse_step=2, mlp_only_layers=[3]) for i in range(6)]
+def test_sparse_layer_rule_in_a_model():
+    # Qwen2-MoE / Qwen3-Next: layer i is sparse when (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers
+    from hybridattn.models import HybridLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=16, d_model=16, num_layers=6, layers=["attention"] * 6, attention=dict(num_heads=2),
+                      moe=dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=8,
+                               decoder_sparse_step=2, mlp_only_layers=[3]))
+    model = HybridLM(cfg)
+    got = [isinstance(layer.mlp, MoEFeedForward) for layer in model.layers]
     assert got == [False, True, False, False, False, True]
-    assert not is_moe_layer(0, num_experts=0)
 
 
 def test_validation_errors():

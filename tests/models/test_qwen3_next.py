@@ -180,6 +180,16 @@ def test_sharded_checkpoints_both_ways(hf_dir, hf_module, tmp_path):
         assert _rel(ours(ids), hf(ids).logits) <= 1e-4
 
 
+def test_decoder_sparse_step_and_unnormalised_top_k(hf_module, tmp_path):
+    hf = _hf_model(hf_module, decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=False, num_experts_per_tok=3)
+    hf.save_pretrained(tmp_path / "step2")
+    ours = HybridLM.from_pretrained(tmp_path / "step2")
+    assert [type(layer.mlp).__name__ for layer in ours.layers] == ["SwiGLU", "MoEFeedForward"] * 2 + ["SwiGLU"]
+    ids = torch.randint(0, VOCAB, (2, 15))
+    with torch.no_grad():
+        assert _rel(ours(ids), hf(ids).logits) <= 1e-4
+
+
 def test_tied_embeddings_dense_model(hf_module, tmp_path):
     hf = _hf_model(hf_module, tie_word_embeddings=True, num_experts=0)
     hf.save_pretrained(tmp_path / "tied")

@@ -56,17 +56,6 @@ class SwiGLU(nn.Module):
         return self.down_proj(_ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
 
 
-def is_moe_layer(layer_idx: int, *, num_experts: int, decoder_sparse_step: int = 1,
-                 mlp_only_layers: Sequence[int] = ()) -> bool:
-    """Whether layer ``layer_idx`` (0-based) gets the sparse MoE feed-forward rather than a dense MLP.
-
-    Qwen2-MoE / Qwen3-Next rule: layers listed in ``mlp_only_layers`` are dense; otherwise every
-    ``decoder_sparse_step``-th layer (``(layer_idx + 1) % step == 0``) is sparse when ``num_experts > 0``.
-    """
-    check_positive_int("decoder_sparse_step", decoder_sparse_step)
-    return (layer_idx not in mlp_only_layers) and num_experts > 0 and (layer_idx + 1) % decoder_sparse_step == 0
-
-
 def load_balancing_loss(router_logits: torch.Tensor | Sequence[torch.Tensor], top_k: int, *,
                         token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer auxiliary loss ``E * sum_e f_e * P_e``, pooled over layers as transformers does.
