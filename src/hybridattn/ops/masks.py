@@ -117,6 +117,17 @@ class MaskSpec:
         return as_mask_spec(other, "other") | self
 
 
+def block_bounds(length: int, block: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last index of each block of ``block`` positions covering ``[0, length)``."""
+    start = torch.arange(0, length, block, device=device)
+    return start, torch.clamp(start + block, max=length) - 1
+
+
+def layout_from(any_: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """EMPTY / PARTIAL / FULL codes from "some pair kept" and "every pair kept" tile flags."""
+    return torch.where(full, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+
+
 def _merge_dim(name: str, a: int | None, b: int | None) -> int | None:
     if a is None or b is None or a == b:
         return a if b is None else b
@@ -200,13 +211,9 @@ class Causal(MaskSpec):
 
     def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
         offset = kv_len - q_len
-        q0 = torch.arange(0, q_len, block_q, device=device)
-        q1 = torch.clamp(q0 + block_q, max=q_len) - 1
-        k0 = torch.arange(0, kv_len, block_k, device=device)
-        k1 = torch.clamp(k0 + block_k, max=kv_len) - 1
-        full = (q0[:, None] + offset) >= k1[None, :]
-        anyk = (q1[:, None] + offset) >= k0[None, :]
-        out = torch.where(full, FULL, torch.where(anyk, PARTIAL, EMPTY)).to(torch.int8)
+        q0, q1 = block_bounds(q_len, block_q, device)
+        k0, k1 = block_bounds(kv_len, block_k, device)
+        out = layout_from((q1[:, None] + offset) >= k0[None, :], (q0[:, None] + offset) >= k1[None, :])
         return out.view(1, 1, *out.shape)
 
     def __repr__(self):
@@ -229,6 +236,18 @@ class Padding(MaskSpec):
             raise ValueError(f"lengths: expected values in [0, Tk={kv_len}], received {self.lengths.tolist()}")
         lengths = self.lengths
         return lambda b, h, q, k: k < lengths.to(k.device)[b]
+
+    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+        self.mask_mod(q_len, kv_len)  # validates the lengths
+        return q_len * int(self.lengths.sum())
+
+    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+        self.mask_mod(q_len, kv_len)
+        k0, k1 = block_bounds(kv_len, block_k, device)
+        n_q = -(-q_len // block_q)
+        lengths = self.lengths.to(k0.device)[:, None]
+        out = layout_from(k0[None, :] < lengths, k1[None, :] < lengths)  # (B, nK), the same for every query
+        return out[:, None, None, :].expand(-1, 1, n_q, -1)
 
     def __repr__(self):
         return f"padding({self.lengths.tolist()})"
@@ -254,6 +273,20 @@ class Document(MaskSpec):
             )
         ids = self.doc_ids
         return lambda b, h, q, k: ids.to(q.device)[q] == ids.to(k.device)[k]
+
+    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+        self.mask_mod(q_len, kv_len)
+        return int((self.cu_seqlens.diff() ** 2).sum())
+
+    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+        # document ids are non-decreasing, so a tile spans the id ranges of its first and last row / column
+        self.mask_mod(q_len, kv_len)
+        ids = self.doc_ids
+        q0, q1 = block_bounds(q_len, block_q)
+        k0, k1 = block_bounds(kv_len, block_k)
+        dq0, dq1, dk0, dk1 = ids[q0][:, None], ids[q1][:, None], ids[k0][None, :], ids[k1][None, :]
+        out = layout_from((dq0 <= dk1) & (dk0 <= dq1), (dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0))
+        return out.view(1, 1, *out.shape).to(device)
 
     def __repr__(self):
         return f"document({self.cu_seqlens.tolist()})"
