@@ -18,8 +18,9 @@ Forms, side by side (``mode=``), all returning ``(o, final_state)``:
   ``R_a`` (``G`` just before it): ``A[i, j] = (q_i exp(G_i - R_a)) . (k_j exp(R_a - G_j))``, one matmul. For keys
   in earlier sub-chunks both exponents are ``<= 0``; inside sub-chunk ``a`` the key factor grows up to
   ``exp(span_a)`` (``span_a`` the decay across the sub-chunk), which is exact while ``span_a`` stays below a
-  dtype-dependent bound. Sub-chunks past the bound (very strong gates) get their diagonal blocks from an exact
-  per-pair computation instead, so the result is exact for any gate.
+  dtype-dependent bound (then the key factors are built as ``exp(R_b - G_j) exp(R_a - R_b)``, one pass over k).
+  Sub-chunks past the bound (very strong gates) get their diagonal blocks from an exact per-pair computation
+  instead, so the result is exact for any gate.
 
 Shape legend: B batch, T tokens, Hk query/key heads, Hv value heads (GVA: ``Hv % Hk == 0``, value head ``h``
 reads key head ``h // (Hv // Hk)``), Dk key dim, Dv value dim, N packed sequences (``cu_seqlens``).
@@ -64,19 +65,27 @@ def per_channel_intra_chunk(q, k, G):
     span = (ref - G5[..., -1, :]).amax(-1)  # [.., Nc, n]
     limit = _SPAN_LIMIT.get(q.dtype, _SPAN_LIMIT_DEFAULT)
     q_ref = q5 * (G5 - ref.unsqueeze(-2)).exp()
-    # keys seen from each query sub-chunk's reference: [.., Nc, n(query), C(key), Dk]; keys after the query
-    # sub-chunk are masked, and the clamp only bites in sub-chunks that are replaced below
+    unsafe = span > limit
+    if not bool(unsafe.any()):
+        # every k_j exp(R_a - G_j) factors as k_j exp(R_b - G_j) (its own sub-chunk b, bounded by exp(span_b))
+        # times exp(R_a - R_b) (<= 1 for b <= a, masked for b > a): one pass over k and an [n, n] table
+        # instead of n passes of exp
+        k_own = k5 * (ref.unsqueeze(-2) - G5).exp()  # [.., Nc, n, s, Dk]
+        earlier = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # [a, b]: b <= a
+        cross = (ref.unsqueeze(-2) - ref.unsqueeze(-3)).masked_fill(~earlier[..., None], float("-inf")).exp()
+        k_ref = (k_own.unsqueeze(-4) * cross.unsqueeze(-2)).flatten(-3, -2)  # [.., Nc, n(query), C(key), Dk]
+        return (q_ref @ k_ref.transpose(-1, -2)).flatten(-3, -2).tril()
+    # some sub-chunk decays past the bound: keys are referred to each query sub-chunk directly (exponents <= 0
+    # off the diagonal blocks), the clamp only bites in the diagonal blocks, which are then computed exactly
     key_pos = torch.arange(c, device=q.device)
     visible = key_pos[None, :] < (torch.arange(1, n + 1, device=q.device) * s)[:, None]  # [n, C]
     k_ref = k.unsqueeze(-3) * (ref.unsqueeze(-2) - G.unsqueeze(-3)).clamp(max=limit).exp()
     k_ref = k_ref * visible[..., None].to(k.dtype)
     A = (q_ref @ k_ref.transpose(-1, -2)).flatten(-3, -2).tril()  # [.., Nc, C, C]
-    unsafe = span > limit
-    if bool(unsafe.any()):
-        exact = _exact_diagonal_blocks(q5, k5, G5)  # [.., Nc, n, s, s]
-        block_diag = torch.eye(n, dtype=torch.bool, device=q.device)[:, None, :, None]  # [n, 1, n, 1]
-        replace = block_diag & unsafe[..., :, None, None, None]
-        A = torch.where(replace, exact.unsqueeze(-2), A.view(*A.shape[:-2], n, s, n, s)).view(A.shape)
+    exact = _exact_diagonal_blocks(q5, k5, G5)  # [.., Nc, n, s, s]
+    block_diag = torch.eye(n, dtype=torch.bool, device=q.device)[:, None, :, None]  # [n, 1, n, 1]
+    replace = block_diag & unsafe[..., :, None, None, None]
+    A = torch.where(replace, exact.unsqueeze(-2), A.view(*A.shape[:-2], n, s, n, s)).view(A.shape)
     return A
 
 
