@@ -108,3 +108,10 @@ def test_format_bytes():
     assert format_bytes(64 * MiB) == "64.0 MiB"
     assert format_bytes(3 * 2**30) == "3.0 GiB"
     assert format_bytes(12) == "12 B"
+
+
+def test_format_seconds():
+    from hybridattn.bench.measure import format_seconds
+
+    assert format_seconds(0.95) == "950 ms"
+    assert format_seconds(42.64) == "42.6 s"

@@ -31,6 +31,7 @@ __all__ = [
     "TargetRow",
     "default_device",
     "format_bytes",
+    "format_seconds",
     "matmul_flops_per_second",
     "median_time",
     "peak_memory",
@@ -182,6 +183,11 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def format_seconds(t: float) -> str:
+    """Milliseconds below ten seconds, seconds above (``950 ms``, ``42.6 s``)."""
+    return f"{t * 1e3:,.0f} ms" if t < 10 else f"{t:,.1f} s"
 
 
 @dataclass

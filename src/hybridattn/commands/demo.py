@@ -13,7 +13,14 @@ import time
 
 import torch
 
-from hybridattn.bench.measure import default_device, format_bytes, median_time, peak_memory, print_table
+from hybridattn.bench.measure import (
+    default_device,
+    format_bytes,
+    format_seconds,
+    median_time,
+    peak_memory,
+    print_table,
+)
 from hybridattn.ops.softmax_attention import softmax_attention
 
 HELP = "measure dense vs tiled softmax attention memory and time for T = 512 / 4,096 / 32,768"
@@ -74,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
             if need <= limit:
                 dense_peak, dense_time = _measure(dense, repeats, device)
                 ratio = f"{dense_peak / max(tiled_peak, 1):,.0f}x"
-                dense_cells = (format_bytes(dense_peak), f"{dense_time * 1e3:,.0f} ms", ratio)
+                dense_cells = (format_bytes(dense_peak), format_seconds(dense_time), ratio)
             else:
                 dense_cells = (f"skipped (would need ~{format_bytes(need)})", "-", "-")
         rows.append((f"{t:,}", format_bytes(matrix), *dense_cells[:2], format_bytes(tiled_peak),
-                     f"{tiled_time * 1e3:,.0f} ms", dense_cells[2]))
+                     format_seconds(tiled_time), dense_cells[2]))
     print_table(
         f"Causal softmax attention, B=1, H={args.heads}, D={args.head_dim}, fp32, forward, {device.type} "
         f"(peak = bytes allocated above the inputs; time = median)",
