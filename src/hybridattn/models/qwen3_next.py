@@ -242,23 +242,25 @@ def state_dict_from_transformers(tensors: Mapping[str, torch.Tensor], expected: 
            for n in sorted(wanted) if tuple(wanted[n].shape) != tuple(tensors[n].shape)]
     if bad:
         raise ValueError("Qwen3-Next checkpoint tensor shapes do not match config.json: " + "; ".join(bad[:8]))
+    # Tensors are popped as they are used, so each layer's per-expert tensors can be freed once they are stacked
+    # (the experts are nearly all of a real checkpoint's bytes; peak memory stays near one copy).
     out = {}
     for name in expected:
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
         moe = _MOE_PARAM.match(name)
         if moe is None:
-            out[name] = tensors[name if name == "lm_head.weight" else "model." + name]
+            out[name] = tensors.pop(name if name == "lm_head.weight" else "model." + name)
             continue
         prefix, part, n_exp = "model." + moe.group(1), moe.group(2), expected[name].shape[0]
         if part == "router.weight":
-            out[name] = tensors[f"{prefix}.gate.weight"]
+            out[name] = tensors.pop(f"{prefix}.gate.weight")
         elif part == "gate_up_proj":
-            out[name] = torch.stack([torch.cat([tensors[f"{prefix}.experts.{e}.gate_proj.weight"],
-                                                tensors[f"{prefix}.experts.{e}.up_proj.weight"]])
+            out[name] = torch.stack([torch.cat([tensors.pop(f"{prefix}.experts.{e}.gate_proj.weight"),
+                                                tensors.pop(f"{prefix}.experts.{e}.up_proj.weight")])
                                      for e in range(n_exp)])
         else:
-            out[name] = torch.stack([tensors[f"{prefix}.experts.{e}.down_proj.weight"] for e in range(n_exp)])
+            out[name] = torch.stack([tensors.pop(f"{prefix}.experts.{e}.down_proj.weight") for e in range(n_exp)])
     return out
 
 
@@ -304,8 +306,9 @@ def load(directory, *, dtype: torch.dtype | None = None, device=None):
     config = config_from_transformers(json.loads((directory / "config.json").read_text()))
     with torch.device("meta"):
         skeleton = HybridLM(config)  # no memory and no random init: the checkpoint provides every tensor
-    tensors = read_safetensors(directory, device="cpu" if device is None else device)
-    state = state_dict_from_transformers(tensors, skeleton.state_dict(), config)
+    # passed on without keeping a reference, so the mapping can free tensors as it goes
+    state = state_dict_from_transformers(read_safetensors(directory, device="cpu" if device is None else device),
+                                         skeleton.state_dict(), config)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     if any(True for _ in skeleton.buffers()):
