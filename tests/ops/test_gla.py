@@ -4,6 +4,8 @@ stress gates, long sequences and bf16."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,14 @@ def test_minus_infinity_gate_resets_the_state():
     for mode in ("chunk", "parallel", "recurrent"):
         o, _ = gla(q, k, v, gk, initial_state=h0, mode=mode, chunk_size=8)
         torch.testing.assert_close(o[:, 10:], after, rtol=1e-12, atol=1e-12)
+
+
+@given(b=st.integers(1, 2), t=st.integers(1, 40), hk=st.integers(1, 2), rep=st.integers(1, 2),
+       dk=st.integers(1, 9), dv=st.integers(1, 9), chunk=st.integers(1, 20), strength=st.sampled_from([0.1, 1, 50]))
+def test_chunk_equals_loop_on_random_shapes(b, t, hk, rep, dk, dv, chunk, strength):
+    (q, k, v, gk), h0 = make_inputs(b, t, hk, hk * rep, dk, dv)
+    gk = gk * strength
+    o_ref, s_ref = gla(q, k, v, gk, initial_state=h0, output_final_state=True, mode="recurrent")
+    o, s = gla(q, k, v, gk, initial_state=h0, output_final_state=True, chunk_size=chunk)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)

@@ -4,6 +4,8 @@ varlen, prefill + decode, stress gates, long sequences, bf16."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,14 @@ def test_validation_errors():
         simple_gla(q, k, v, g, scale="1")
     with pytest.raises(ValueError, match="v: expected batch and length"):
         retention(q, k, v[:, :5])
+
+
+@given(t=st.integers(1, 40), hk=st.integers(1, 2), rep=st.integers(1, 3), dk=st.integers(1, 9),
+       dv=st.integers(1, 9), chunk=st.integers(1, 20), gates=st.sampled_from(["decay", "zero", "strong"]))
+def test_chunk_and_parallel_equal_loop_on_random_shapes(t, hk, rep, dk, dv, chunk, gates):
+    args, h0 = make_inputs(2, t, hk, hk * rep, dk, dv, gates=gates)
+    o_ref, s_ref = simple_gla(*args, initial_state=h0, output_final_state=True, mode="recurrent")
+    for options in ({"chunk_size": chunk}, {"mode": "parallel"}):
+        o, s = simple_gla(*args, initial_state=h0, output_final_state=True, **options)
+        torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)

@@ -234,7 +234,7 @@ def run(q, k, v, g, *, scale, initial_state, output_final_state, mode, chunk_siz
         o, s = chunk_form(q, k, v, g, scale, h0, chunk_size, intra_chunk)
     else:
         o, s, attention = parallel_form(q, k, v, g, scale, h0, pair_weights)
-    o = o.transpose(1, 2)  # [B, T, H, Dv]
+    o = o.transpose(1, 2).contiguous()  # [B, T, H, Dv]
     if cu_seqlens is not None:
         o = o[valid].unsqueeze(0)
     s = s if output_final_state else None
