@@ -137,11 +137,13 @@ def _forward(p: _Problem):
     dv = p.vg.shape[-1]
     out = p.qg.new_zeros(b, p.hkv, p.g, p.tq, dv)
     lse = p.qg.new_full((b, p.hkv, p.g, p.tq, 1), float("inf"))
+    # a column of ones after V makes the matmul p @ [V, 1] also return rowsum(p): one pass over p less per tile
+    v1 = torch.cat([p.vg, p.vg.new_ones(*p.vg.shape[:-1], 1)], dim=-1)  # (B, Hkv, Tk, Dv + 1)
     for i, row in enumerate(p.plan):
         if not row:
             continue  # every key masked: zeros, lse = +inf so that backward's exp(s - lse) is 0
         r0, r1, qi = p.q_block(i)
-        m = l = acc = None
+        m = acc = None  # acc[..., :Dv] is the unnormalised output, acc[..., Dv:] the normaliser l
         for c0, c1, needs_mask in row:
             s, _ = p.logits(qi, r0, r1, c0, c1, needs_mask)
             m_new = s.amax(dim=-1, keepdim=True) if m is None else torch.maximum(m, s.amax(dim=-1, keepdim=True))
@@ -149,15 +151,10 @@ def _forward(p: _Problem):
             if needs_mask or p.bias is not None:
                 # a row whose keys so far are all masked has m = -inf; shift by 0 there so exp gives 0, not NaN
                 shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            e = s.sub_(shift).exp_()
-            pv = e @ p.vg[:, :, c0:c1]
-            if m is None:
-                l, acc = e.sum(dim=-1, keepdim=True), pv
-            else:
-                alpha = torch.exp(m - shift)
-                l = l * alpha + e.sum(dim=-1, keepdim=True)
-                acc = acc * alpha + pv
+            pv = s.sub_(shift).exp_() @ v1[:, :, c0:c1]
+            acc = pv if m is None else acc.mul_(torch.exp(m - shift)).add_(pv)
             m = m_new
+        acc, l = acc[..., :dv], acc[..., dv:]
         kept = l > 0
         n = r1 - r0
         out[:, :, :, r0:r1] = (acc / torch.where(kept, l, torch.ones_like(l))).unflatten(2, (p.g, n))
