@@ -32,7 +32,7 @@ from hybridattn.ops._checks import (
 )
 from hybridattn.ops.masks import Causal, as_mask_spec
 from hybridattn.ops.softmax_attention import (
-    _check_spec_dims,
+    check_spec_dims,
     accumulation_dtype,
     dense_scores,
     finish_scores,
@@ -103,7 +103,7 @@ def _mask_spec(mask, causal, batch, heads, tq, tk):
     if causal:
         spec = Causal() if spec is None else Causal() & spec
     if spec is not None:
-        _check_spec_dims("mask", spec, batch, heads)
+        check_spec_dims("mask", spec, batch, heads)
         spec.mask_mod(tq, tk)
     return spec
 

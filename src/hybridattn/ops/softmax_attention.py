@@ -57,7 +57,8 @@ def _check_number(name: str, value, *, positive: bool) -> float:
     return value
 
 
-def _check_spec_dims(name: str, spec, batch: int, heads: int) -> None:
+def check_spec_dims(name: str, spec, batch: int, heads: int) -> None:
+    """A mask spec or score bias must depend on q's batch / heads or on none (``None``)."""
     if spec.batch_size not in (None, batch):
         raise ValueError(f"{name}: expected batch size {batch} (the batch of q) or 1, received {spec.batch_size}")
     if spec.num_heads not in (None, heads):
@@ -67,8 +68,8 @@ def _check_spec_dims(name: str, spec, batch: int, heads: int) -> None:
 def dense_scores(q, k, *, mask: MaskSpec | None, bias: ScoreBias | None, scale: float, softcap: float | None):
     """Masked logits ``[B, Hq, Tq, Tk]`` in the accumulation dtype, plus the boolean keep mask (or None).
 
-    Shared by the naive reference and the Bahdanau/Luong variants so that softcap, bias and mask compose in one
-    order everywhere."""
+    Shared by the naive reference and the attention-sink variant; ``finish_scores`` keeps the order of softcap,
+    bias and mask the same for every form."""
     b, tq, hq, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
@@ -224,13 +225,13 @@ def softmax_attention(q, k, v, *, causal: bool = False, mask=None, bias=None, sc
     if causal:
         spec = Causal() if spec is None else Causal() & spec
     if spec is not None:
-        _check_spec_dims("mask", spec, b, hq)
+        check_spec_dims("mask", spec, b, hq)
         spec.mask_mod(tq, tk)  # validates lengths / cu_seqlens / tensor shape against this call
         if type(spec) is Causal and tq == 1:
             spec = None  # one query aligned bottom-right sees every key (decoding)
     score_bias = None if bias is None else as_score_bias(bias, "bias")
     if score_bias is not None:
-        _check_spec_dims("bias", score_bias, b, hq)
+        check_spec_dims("bias", score_bias, b, hq)
         if tq and tk:
             probe = torch.zeros(1, dtype=torch.long, device=q.device)
             got = score_bias.block(tq, tk, probe, probe)
