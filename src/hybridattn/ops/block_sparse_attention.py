@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridattn.ops._checks import check_positive_int, check_qkv
-from hybridattn.ops.masks import EMPTY, FULL, Causal, MaskSpec, _Combined, as_mask_spec
+from hybridattn.ops.masks import EMPTY, FULL, Causal, Document, MaskSpec, Padding, _Combined, as_mask_spec
 from hybridattn.ops.sparse_masks import BlockSparse, Fixed, GlobalTokens, _DistanceSpec
 
 __all__ = ["BlockGroup", "BlockPlan", "block_sparse_attention", "cached_plan", "plan_blocks", "prefers_block_sparse"]
@@ -292,7 +292,7 @@ class _KeepAll(MaskSpec):
 
 
 #: specs whose block layout has a closed form, so that judging their density costs O(nblocks^2), not O(T^2)
-_CLOSED_FORM = (Causal, _DistanceSpec, Fixed, GlobalTokens, BlockSparse, _KeepAll)
+_CLOSED_FORM = (Causal, Padding, Document, _DistanceSpec, Fixed, GlobalTokens, BlockSparse, _KeepAll)
 #: ``auto`` prefers this kernel with tiles of AUTO_BLOCK when at most AUTO_MAX_DENSITY of the tiles are kept and
 #: a query block reads at most AUTO_MAX_TILES key tiles on average (the gathered keys are that many times k)
 AUTO_BLOCK, AUTO_MAX_DENSITY, AUTO_MAX_TILES = 128, 0.5, 16

@@ -18,18 +18,12 @@ from __future__ import annotations
 import torch
 
 from hybridattn.ops._checks import check_positive_int, check_tensor
-from hybridattn.ops.masks import EMPTY, FULL, PARTIAL, MaskSpec
+from hybridattn.ops.masks import MaskSpec, block_bounds, layout_from
 
 
 def _layout_from(any_: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    out = torch.where(full, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+    out = layout_from(any_, full)
     return out.view(*([1] * (4 - out.dim())), *out.shape)
-
-
-def _block_bounds(length: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last index of each block of ``block`` positions covering ``[0, length)``."""
-    start = torch.arange(0, length, block, device=device)
-    return start, torch.clamp(start + block, max=length) - 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,8 +60,8 @@ class _DistanceSpec(MaskSpec):
         offset = kv_len - q_len
         lo, d = self._distances(q_len, kv_len, device)
         prefix = torch.nn.functional.pad(torch.cumsum(self.keep(d).long(), 0), (1, 0))
-        q0, q1 = _block_bounds(q_len, block_q, device)
-        k0, k1 = _block_bounds(kv_len, block_k, device)
+        q0, q1 = block_bounds(q_len, block_q, device)
+        k0, k1 = block_bounds(kv_len, block_k, device)
         d_lo = (q0[:, None] + offset - k1[None, :]) - lo  # indices into d
         d_hi = (q1[:, None] + offset - k0[None, :]) - lo
         kept = prefix[d_hi + 1] - prefix[d_lo]
@@ -154,8 +148,8 @@ class Fixed(MaskSpec):
 
     def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
         l, c, offset = self.block, self.summary, kv_len - q_len
-        q0, q1 = _block_bounds(q_len, block_q, device)
-        k0, k1 = _block_bounds(kv_len, block_k, device)
+        q0, q1 = block_bounds(q_len, block_q, device)
+        k0, k1 = block_bounds(kv_len, block_k, device)
         ps, pe = (q0 + offset)[:, None], (q1 + offset)[:, None]
         k0, k1 = k0[None, :], k1[None, :]
         n_summary = self._summaries_before(k1 + 1) - self._summaries_before(k0)
@@ -215,8 +209,8 @@ class GlobalTokens(MaskSpec):
             first, last = torch.clamp(first, 0, length), torch.clamp(last + 1, 0, length)
             return torch.clamp(prefix[last] - prefix[first], min=0)
 
-        q0, q1 = _block_bounds(q_len, block_q, device)
-        k0, k1 = _block_bounds(kv_len, block_k, device)
+        q0, q1 = block_bounds(q_len, block_q, device)
+        k0, k1 = block_bounds(kv_len, block_k, device)
         return count(q0 + offset, q1 + offset), q1 - q0 + 1, count(k0, k1), k1 - k0 + 1
 
     def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
@@ -290,8 +284,8 @@ class BlockSparse(MaskSpec):
     def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
         layout, offset, bs = self._layout(q_len, kv_len).to(device), kv_len - q_len, self.block
         prefix = torch.nn.functional.pad(layout.long().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
-        q0, q1 = _block_bounds(q_len, block_q, device)
-        k0, k1 = _block_bounds(kv_len, block_k, device)
+        q0, q1 = block_bounds(q_len, block_q, device)
+        k0, k1 = block_bounds(kv_len, block_k, device)
         ps, pe = q0 + offset, q1 + offset
         qa, qb = torch.clamp(ps, min=0) // bs, torch.clamp(pe, min=0) // bs + 1  # layout rows [qa, qb)
         ka, kb = k0 // bs, k1 // bs + 1
