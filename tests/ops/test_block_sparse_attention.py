@@ -139,3 +139,16 @@ def test_softmax_attention_backend_and_auto_dispatch():
 def test_long_sequences_with_production_tiles(block):
     spec = masks.longformer(100, [0, 500]) & masks.causal() | masks.bigbird(1, 1, 2, block=64, seed=2, causal=True)
     _compare(spec, b=1, tq=1001, tk=1001, hq=4, hkv=1, d=32, dv=32, block_q=block, block_k=block)
+
+
+def test_backend_reuses_plans_of_equal_specs():
+    from hybridattn.ops.block_sparse_attention import _PLANS_BY_REPR
+
+    q = torch.randn(1, 40, 2, 8)
+    outs = [softmax_attention(q, q, q, mask=masks.longformer(3, [1]), causal=True, backend="block_sparse")
+            for _ in range(2)]
+    keys = [key for key in _PLANS_BY_REPR if key[0] == repr(masks.causal() & masks.longformer(3, [1]))]
+    assert len(keys) == 1 and keys[0][1:4] == (40, 40, 32)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    ref = _reference(q, q, q, masks.longformer(3, [1]) & masks.causal())
+    torch.testing.assert_close(outs[0].double(), ref, rtol=1e-5, atol=1e-5)

@@ -298,15 +298,28 @@ _CLOSED_FORM = (Causal, Padding, Document, _DistanceSpec, Fixed, GlobalTokens, B
 AUTO_BLOCK, AUTO_MAX_DENSITY, AUTO_MAX_TILES = 128, 0.5, 16
 
 
+def _closed(spec) -> bool:
+    return isinstance(spec, _CLOSED_FORM) or (isinstance(spec, _Combined) and _closed(spec.left) and _closed(spec.right))
+
+
+def _described_by_repr(spec) -> bool:
+    """Closed-form specs whose repr names every parameter (an explicit block layout prints only its shape)."""
+    if isinstance(spec, _Combined):
+        return _described_by_repr(spec.left) and _described_by_repr(spec.right)
+    return isinstance(spec, _CLOSED_FORM) and (type(spec) is not BlockSparse)
+
+
+#: plans of specs identified by their repr: softmax_attention(causal=True) wraps the caller's spec in a new
+#: object on every call, so the per-object cache would never hit for a layer's pattern
+_PLANS_BY_REPR: dict = {}
+
+
 def prefers_block_sparse(spec: MaskSpec | None, q_len: int, kv_len: int) -> bool:
     """Whether ``softmax_attention(backend="auto")`` should run this kernel: a spec built only from closed-form
     parts (windows, global tokens, Sparse Transformer, BigBird, block layouts, causal) that keeps at most half of
     its tiles, with a bounded number of key tiles per query block. Denser masks gain little from skipping tiles,
     and wide ones would pay for the gathers in memory; the tiled backend serves both."""
-    def closed(s):
-        return isinstance(s, _CLOSED_FORM) or (isinstance(s, _Combined) and closed(s.left) and closed(s.right))
-
-    if spec is None or type(spec) is Causal or not closed(spec):
+    if spec is None or type(spec) is Causal or not _closed(spec):
         return False
     kept = (spec.block_layout(q_len, kv_len, AUTO_BLOCK, AUTO_BLOCK) != EMPTY).flatten(0, 1).any(0)  # (nQ, nK)
     return float(kept.float().mean()) <= AUTO_MAX_DENSITY and float(kept.sum(-1).float().mean()) <= AUTO_MAX_TILES
@@ -318,7 +331,16 @@ def _backend(q, k, v, *, mask, bias, scale, softcap):
         raise ValueError("backend: 'block_sparse' takes a mask only; use backend='tiled' with a bias or softcap")
     t = max(q.shape[1], k.shape[1])
     block = AUTO_BLOCK if t >= 4 * AUTO_BLOCK else 32
-    plan = None if mask is None else cached_plan(mask, q.shape[1], k.shape[1], block, block, device=q.device)
+    plan = None
+    if mask is not None and _described_by_repr(mask):
+        key = (repr(mask), q.shape[1], k.shape[1], block, str(q.device))
+        if key not in _PLANS_BY_REPR:
+            if len(_PLANS_BY_REPR) >= 8:
+                _PLANS_BY_REPR.pop(next(iter(_PLANS_BY_REPR)))
+            _PLANS_BY_REPR[key] = plan_blocks(mask, q.shape[1], k.shape[1], block, block, device=q.device)
+        plan = _PLANS_BY_REPR[key]
+    elif mask is not None:
+        plan = cached_plan(mask, q.shape[1], k.shape[1], block, block, device=q.device)
     return block_sparse_attention(q, k, v, mask, scale=scale, block_q=block, block_k=block, plan=plan)
 
 
