@@ -165,13 +165,24 @@ def _flex(q, k, v, *, mask, bias, scale, softcap):
 BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention, "tiled": _tiled, "flex": _flex}
 
 
-def choose_backend(q, k, *, mask, bias, softcap) -> str:
-    """The backend ``auto`` runs for these (validated) arguments; see the module docstring for the policy."""
+def _sdpa_is_fused(q, k, v, causal: bool) -> bool:
+    """Whether SDPA would run a fused (memory-efficient) kernel rather than the math fallback, which builds
+    ``Tq x Tk`` (on the CPU it does so, e.g., when ``Dv != D``)."""
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    try:
+        return torch._fused_sdp_choice(qh, kh, vh, None, 0.0, causal, enable_gqa=q.shape[2] != k.shape[2]) != 0
+    except (AttributeError, RuntimeError, TypeError):  # private API: fall back to the known CPU condition
+        return q.shape[-1] == v.shape[-1]
+
+
+def choose_backend(q, k, v=None, *, mask, bias, softcap) -> str:
+    """The backend ``auto`` runs for these (validated) arguments; see the module docstring for the policy.
+    ``v`` defaults to a stand-in shaped like ``k``."""
     b, tq, hq, _ = q.shape
     tk = k.shape[1]
     small = b * hq * tq * tk <= DENSE_LIMIT
     needs_dense = bias is not None or (mask is not None and not (type(mask) is Causal and tq == tk))
-    if softcap is None and not needs_dense:
+    if softcap is None and not needs_dense and (small or _sdpa_is_fused(q, k, k if v is None else v, mask is not None)):
         return "sdpa"
     if small:
         # SDPA takes an additive mask only in q's dtype; half-precision biases would lose precision there.
@@ -242,7 +253,7 @@ def softmax_attention(q, k, v, *, causal: bool = False, mask=None, bias=None, sc
     if return_weights and backend not in ("auto", "naive"):
         raise ValueError(f"return_weights: only the naive backend returns weights, received backend={backend!r}")
     if backend == "auto":
-        backend = "naive" if return_weights else choose_backend(q, k, mask=spec, bias=score_bias, softcap=softcap)
+        backend = "naive" if return_weights else choose_backend(q, k, v, mask=spec, bias=score_bias, softcap=softcap)
 
     if tq == 0 or tk == 0:
         # No keys: every row is fully masked, so the output is zeros (and so are the gradients).
