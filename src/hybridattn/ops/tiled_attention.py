@@ -164,12 +164,12 @@ def _forward(p: _Problem):
 
 
 def _backward(p: _Problem, out, lse, d_out, bias_tensors):
-    b, d, dv = p.qg.shape[0], p.qg.shape[-1], p.vg.shape[-1]
+    b = p.qg.shape[0]
     d_out = d_out.to(p.acc)
     delta = (d_out * out).sum(dim=-1, keepdim=True)  # (B, Hkv, G, Tq, 1)
     dq = torch.zeros_like(p.qg)
     dk = torch.zeros_like(p.kg)
-    dvv = torch.zeros_like(p.vg)
+    dv = torch.zeros_like(p.vg)
     d_bias = [torch.zeros_like(t) for t in bias_tensors]
     for i, row in enumerate(p.plan):
         if not row:
@@ -186,7 +186,7 @@ def _backward(p: _Problem, out, lse, d_out, bias_tensors):
             s, t = p.logits(qi, r0, r1, c0, c1, needs_mask, keep_tanh=True,
                             bias_block=None if bias_block is None else bias_block.detach())
             pr = s.sub_(lse_i).exp_()  # (B, Hkv, G*n, w)
-            dvv[:, :, c0:c1] += pr.transpose(-1, -2) @ do_i
+            dv[:, :, c0:c1] += pr.transpose(-1, -2) @ do_i
             ds = (do_i @ p.vg[:, :, c0:c1].transpose(-1, -2)).sub_(delta_i).mul_(pr)
             if bias_tensors:
                 # the bias was added after the softcap, so it receives dS itself, summed over broadcast dims
@@ -201,7 +201,7 @@ def _backward(p: _Problem, out, lse, d_out, bias_tensors):
             dk[:, :, c0:c1] += ds.transpose(-1, -2) @ qi
         dq[:, :, :, r0:r1] = dq_i.unflatten(2, (p.g, r1 - r0))
     # q was pre-scaled, so dK = dS^T (scale Q) already; dQ still needs the scale
-    return dq * p.scale, dk, dvv, d_bias
+    return dq * p.scale, dk, dv, d_bias
 
 
 class _TiledAttention(torch.autograd.Function):
