@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: arena-<preset>)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds per configuration")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps of every run")
+    parser.add_argument("--data", metavar="PATH", default=None,
+                        help="your text (a file or a directory) for the byte-level 'text' task instead of the stdlib")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -30,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         if args.seeds < 1:
             raise SystemExit(f"--seeds: expected an int >= 1, received {args.seeds}")
         config.seeds = args.seeds
+    if args.data is not None:
+        config.tasks = [{**t, "data": args.data} if t["name"] == "text" else t for t in config.tasks]
     if args.device is not None:
         config.device = args.device
     if args.steps is not None:

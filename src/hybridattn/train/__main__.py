@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="mqar", help="a registered task (mqar, copying, ..., text)")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                         help="task option (JSON value), e.g. num_kv_pairs=32; repeatable")
+    parser.add_argument("--data", metavar="PATH", default=None, help="text file or directory for --task text")
     parser.add_argument("--preset", default="qwen3-next-tiny", help="a ModelConfig preset")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="ModelConfig override (JSON value), e.g. hybrid=\"7:1\"; repeatable")
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     from hybridattn.train.distributed import shutdown
 
     pairs = lambda items: {k: _value(v) for k, v in (i.split("=", 1) for i in items)}  # noqa: E731
-    task = build_task(args.task, **pairs(args.task_option))
+    task_options = pairs(args.task_option)
+    if args.data is not None:
+        task_options["data"] = args.data
+    task = build_task(args.task, **task_options)
     info = init_distributed()
     torch.manual_seed(args.seed)
     config = ModelConfig.preset(args.preset, vocab_size=task.vocab_size, **pairs(args.model_option))
