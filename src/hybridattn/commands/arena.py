@@ -11,7 +11,7 @@ HELP = "train softmax, linear and hybrid models on the same tasks and compare re
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
-                        help="smoke: seconds (tests); quick: <= 10 min on 2 CPU cores; full: sweep over widths")
+                        help="smoke: seconds (tests); quick: MQAR, softmax vs linear vs 3:1, 3 seeds (target: <= 10 min on 2 CPU cores); full: sweep over mechanisms and widths")
     parser.add_argument("--config", metavar="FILE.toml", help="a TOML sweep (keys of ArenaConfig); overrides --preset")
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: arena-<preset>)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds per configuration")
