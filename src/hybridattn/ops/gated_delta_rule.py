@@ -85,14 +85,16 @@ def naive_recurrent_gated_delta_rule(
     q = q.repeat_interleave(hv // hk, dim=2)
     k = k.repeat_interleave(hv // hk, dim=2)
     s = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.to(q.dtype)
+    gates = [None] * t if g is None else g.to(q.dtype).unbind(1)
     outs = []
-    for i in range(t):
-        if g is not None:
-            s = s * g[:, i].to(q.dtype).exp()[..., None, None]
-        pred = torch.einsum("bhk,bhkv->bhv", k[:, i], s)
-        u = beta[:, i].to(q.dtype)[..., None] * (v[:, i] - pred)
-        s = s + k[:, i, :, :, None] * u[:, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * scale, s))
+    # unbind, not x[:, i]: the backward of T selects would build T full-size zero gradients (quadratic in T).
+    for q_t, k_t, v_t, g_t, beta_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), gates, beta.to(q.dtype).unbind(1)):
+        if g_t is not None:
+            s = s * g_t.exp()[..., None, None]
+        pred = torch.einsum("bhk,bhkv->bhv", k_t, s)
+        u = beta_t[..., None] * (v_t - pred)
+        s = s + k_t[..., :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q_t * scale, s))
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(b, 0, hv, dv)
     return o, (s if output_final_state else None)
 
@@ -115,12 +117,13 @@ def _recurrent(q, k, v, g, beta, scale, h0):
     decay = None if g is None else g.reshape(b, t, hk, grp, 1, 1).exp()
     q, k = (q * scale).reshape(b, t, hk, 1, 1, dk), k.reshape(b, t, hk, 1, 1, dk)
     outs = []
-    for i in range(t):
-        if decay is not None:
-            s = s * decay[:, i]
-        u = beta[:, i] * (v[:, i] - k[:, i] @ s)  # (B, Hk, G, 1, Dv)
-        s = s + k[:, i].transpose(-1, -2) * u
-        outs.append(q[:, i] @ s)
+    decays = [None] * t if decay is None else decay.unbind(1)
+    for q_t, k_t, v_t, decay_t, beta_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), decays, beta.unbind(1)):
+        if decay_t is not None:
+            s = s * decay_t
+        u = beta_t * (v_t - k_t @ s)  # (B, Hk, G, 1, Dv)
+        s = s + k_t.transpose(-1, -2) * u
+        outs.append(q_t @ s)
     o = torch.stack(outs, 1) if outs else v.new_zeros(b, 0, hk, grp, 1, dv)
     return o.reshape(b, t, hv, dv), s.reshape(b, hv, dk, dv)
 
