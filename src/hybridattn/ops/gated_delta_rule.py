@@ -14,17 +14,21 @@ Forms, side by side (all return ``(o, final_state)``):
   ``O(H Dk Dv)`` whatever the number of tokens already consumed.
 - ``"parallel"``: the whole sequence as a single chunk of the chunk form; materialises the implicit ``T x T``
   attention matrix and can return it (``return_attention=True``).
-- ``"chunk"``: chunkwise-parallel (WY/UT form). All intra-chunk work is batched over every chunk at once; only a
-  ``[Dk, Dk] @ [Dk, Dv]`` state hand-off per chunk is sequential. Training and prefill.
+- ``"chunk"``: chunkwise-parallel (WY/UT form). All intra-chunk work is batched over every chunk at once; only the
+  state hand-off (three ``[C, Dk] x [Dk, Dv]``-sized products per chunk) is sequential. Training and prefill;
+  differentiated by autograd (memory linear in T).
 
 Chunk form, per chunk of ``C`` tokens with ``gamma`` the chunk-local cumulative log-decay and ``S0`` the state at
 the chunk start (``L[i, j] = exp(gamma_i - gamma_j)`` for ``j <= i``, else 0; ``G = exp(gamma)``)::
 
-    A  = strict_lower(diag(beta) K K^T * L)
-    [W | U] = (I + A)^-1 [diag(beta G) K | diag(beta) V]       (one unit-lower-triangular solve)
-    P  = scale Q K^T * L                                        (inclusive of the diagonal)
-    O  = (scale diag(G) Q - P W) S0 + P U
-    S1 = (G_C I - Kd^T W) S0 + Kd^T U,    Kd = diag(exp(gamma_C - gamma)) K
+    A   = strict_lower(diag(beta) K K^T * L)
+    W   = (I + A)^-1 diag(beta G) K,   U = (I + A)^-1 diag(beta) V      (the UT transform)
+    P   = scale Q K^T * L                                               (inclusive of the diagonal)
+    new = U - W S0                                                      (what the chunk writes)
+    O   = scale diag(G) Q S0 + P new
+    S1  = G_C S0 + Kd^T new,   Kd = diag(exp(gamma_C - gamma)) K
+
+A, W, U and P are computed for all chunks in batched matmuls; only the last three lines run chunk by chunk.
 
 Every exponent is a difference of cumulative log-decays inside one chunk and is <= 0 (for g <= 0), so nothing
 overflows however long the sequence; positive exponents are masked before ``exp``.
