@@ -9,6 +9,7 @@ from hybridattn.bench import linear
 def test_linear_bench_quick_runs(capsys):
     assert linear.main(["--quick", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    for row in ("forward vs", "FLOP efficiency", "decode step after", "peak memory per token"):
-        assert row in out
+    # rich wraps long cells at the captured terminal's width, so look for words that stay on one line
+    for word in ("fla", "transformers", "efficiency", "decode", "memory", "PASS"):
+        assert word in out
     assert linear.FLOP_FORMULA in out
