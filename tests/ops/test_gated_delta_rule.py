@@ -285,7 +285,7 @@ def test_bfloat16_within_tolerance_of_float32(mode):
 def _transformers_rules():
     mod = pytest.importorskip(
         "transformers.models.qwen3_next.modeling_qwen3_next",
-        reason="transformers (with Qwen3-Next) is a test-only dependency: pip install .[bench]",
+        reason="transformers (with Qwen3-Next) is a test-only dependency: pip install .[test]",
     )
     # The public names dispatch to fla's Triton kernels when fla is installed; unwrap to the torch code.
     return inspect.unwrap(mod.torch_recurrent_gated_delta_rule), inspect.unwrap(mod.torch_chunk_gated_delta_rule)
