@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from hybridattn.bench.measure import (
-    TargetRow, format_bytes, matmul_flops_per_second, median_time, peak_memory, print_table, print_targets,
+    TargetRow, format_bytes, interleaved_medians, matmul_flops_per_second, median_time, peak_memory,
+    print_table, print_targets,
 )
 from hybridattn.ops import gated_delta_rule
 
@@ -143,11 +143,7 @@ def main(argv=None) -> int:
             steps[n_tok] = lambda one=one, state=state: gated_delta_rule(
                 *one, initial_state=state, mode="recurrent", output_final_state=True
             )
-        samples = {n: [] for n in decode_after}
-        for _ in range(max(25, reps)):
-            for n_tok, fn in steps.items():
-                samples[n_tok].append(median_time(fn, repeats=1, warmup=1))
-    step_times = {n: statistics.median(ts) for n, ts in samples.items()}
+        step_times = interleaved_medians(steps, rounds=max(25, reps))
     lo, hi = decode_after
     rows.append(TargetRow(f"decode step after {hi} vs {lo} tokens", "<= 1.25x",
                           f"{step_times[hi] * 1e3:.3f} ms / {step_times[lo] * 1e3:.3f} ms",

@@ -16,13 +16,13 @@ in chunk mode, each printed as a ratio measured in this run with PASS / MISS:
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from hybridattn.bench.measure import (
-    TargetRow, format_bytes, matmul_flops_per_second, median_time, peak_memory, print_table, print_targets,
+    TargetRow, format_bytes, interleaved_medians, matmul_flops_per_second, median_time, peak_memory,
+    print_table, print_targets,
 )
 from hybridattn.ops import gla, linear_attention, simple_gla
 
@@ -108,11 +108,7 @@ def main(argv=None) -> int:
                 one = [y[:, -1:] for y in x]
                 steps[n_tok] = lambda one=one, state=state, op=OPS[name]: op(
                     *one, initial_state=state, mode="recurrent", output_final_state=True)
-            samples = {n: [] for n in decode_after}
-            for _ in range(max(25, reps)):
-                for n_tok, fn in steps.items():
-                    samples[n_tok].append(median_time(fn, repeats=1, warmup=1))
-        step_times = {n: statistics.median(ts) for n, ts in samples.items()}
+            step_times = interleaved_medians(steps, rounds=max(25, reps))
         lo, hi = decode_after
         step_rows += [(name, n, f"{s * 1e3:.3f}") for n, s in step_times.items()]
         rows.append(TargetRow(f"{name} decode step after {hi} vs {lo} tokens", "<= 1.25x",

@@ -32,6 +32,7 @@ __all__ = [
     "default_device",
     "format_bytes",
     "format_seconds",
+    "interleaved_medians",
     "matmul_flops_per_second",
     "median_time",
     "peak_memory",
@@ -82,6 +83,17 @@ def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, 
         _synchronize(dev)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, *, rounds: int = 25, warmup: int = 1, device=None) -> dict:
+    """Median seconds of each callable in ``fns`` (a dict ``key -> fn``), timed one call at a time in alternation
+    (``rounds`` rounds), so that the machine's noise falls on every entry alike; returns ``key -> seconds``."""
+    check_positive_int("rounds", rounds)
+    samples = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            samples[key].append(median_time(fn, repeats=1, warmup=warmup, device=device))
+    return {key: statistics.median(times) for key, times in samples.items()}
 
 
 @contextlib.contextmanager
