@@ -52,6 +52,7 @@ def write_report(results: dict, pngs: list[Path], path, *, command: str | None =
         f"<h3>{html.escape(p.stem.replace('_', ' '))}</h3>"
         f"<img alt='{html.escape(p.name)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
         for p in pngs)
+    notes = f"<h2>Why these settings</h2><p>{html.escape(cfg['notes'])}</p>" if cfg.get("notes") else ""
     cmd = f"<p>Command: <code>{html.escape(command)}</code></p>" if command else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>hybridattn arena: {html.escape(cfg['name'])}</title>
 <style>{_STYLE}</style></head><body>
@@ -61,7 +62,7 @@ def write_report(results: dict, pngs: list[Path], path, *, command: str | None =
 accuracy is over scored positions only. Softmax attention recalls exact tokens at a cost that grows with the
 context; linear attention keeps a fixed-size state and forgets; a hybrid with a few softmax layers keeps the
 recall at nearly the linear cost.</p>
-{cmd}<p>torch {html.escape(env['torch'])}, {env['threads']} threads, device {html.escape(env['device'])},
+{notes}{cmd}<p>torch {html.escape(env['torch'])}, {env['threads']} threads, device {html.escape(env['device'])},
 sweep wall time {env['wall_seconds']:.0f} s.</p>
 <h2>Results</h2>{_table(results)}{_thesis(results)}<h2>Plots</h2>{images}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(cfg, indent=1))}</pre></body></html>"""
