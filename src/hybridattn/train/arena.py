@@ -290,7 +290,9 @@ _QUICK_NOTES = (
     "(ALLL); with it last (LLLA, the hybrid=\"3:1\" order) one seed was at 0.16-0.53 accuracy after 300-500 "
     "steps, beyond this CPU budget. All models share the same budget (300 steps x 64 sequences, AdamW lr 5e-3, "
     "warm-up 15, cosine; at lr 3e-3 one all-softmax seed was still at 0.77 after 300 steps), and the "
-    "evaluation (512 held-out examples, scored positions only, the thresholds) is the arena's default."
+    "evaluation (512 held-out examples, scored positions only, the thresholds) is the arena's default. Caveat: "
+    "a pure gated DeltaNet with a state large enough for 8 pairs (Dk = 16) also stayed at chance in 300 steps "
+    "(one seed), so the linear model's gap here reflects slow learning as much as its state size."
 )
 
 
