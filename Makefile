@@ -15,6 +15,10 @@ $(BIN)/hybridattn: pyproject.toml
 
 venv: $(BIN)/hybridattn
 
+# The main job: trains softmax, linear and 3:1 hybrid models on MQAR (3 seeds) and writes arena-quick/report.html.
+arena: venv
+	$(BIN)/hybridattn arena --preset quick
+
 demo: venv
 	$(BIN)/hybridattn --help
 	$(BIN)/hybridattn demo

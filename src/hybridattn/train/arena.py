@@ -31,7 +31,6 @@ import torch
 from hybridattn.bench.measure import default_device
 from hybridattn.tasks import build_task
 from hybridattn.tasks.text import bits_per_byte
-from hybridattn.train import arena_mixers  # noqa: F401  (registers the `conv_attention` mixer)
 from hybridattn.train.arena_measure import measure_inference
 from hybridattn.train.trainer import TrainConfig, Trainer
 
@@ -269,7 +268,7 @@ def _smoke() -> ArenaConfig:
 
 
 # The quick preset's models. Every softmax layer is `conv_attention` (attention behind a depthwise causal short
-# conv, zoology's MQAR attention baseline; see hybridattn.train.arena_mixers), so softmax and linear layers alike
+# conv, zoology's MQAR attention baseline; see hybridattn.layers.mixers.conv_attention), so softmax and linear layers alike
 # see a short conv, as the gated DeltaNet layers already do. The 3:1 hybrid puts its one softmax layer first
 # ("ALLL"): with the conv, that layer binds each value to its key and looks it up on its own.
 _QUICK_MODELS = [
