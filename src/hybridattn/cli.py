@@ -24,18 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hybridattn",
         description="Attention mechanisms and hybrid (linear + softmax) transformers: run, compare, measure.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
+    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"), COMMANDS, run_key="_run")
+    return parser
+
+
+def add_subcommands(subparsers, table: dict[str, str], *, run_key: str) -> None:
+    """One parser per ``name -> module`` in ``table``; each module provides ``HELP``, ``add_arguments(parser)``
+    and ``run(args)``, stored in ``args.<run_key>``. Modules that do not exist (yet) are left out."""
+    for name, module_name in table.items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name != module_name:
                 raise
-            continue  # command not built yet
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+            continue
+        p = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
-    return parser
+        p.set_defaults(**{run_key: module.run})
 
 
 def main(argv: list[str] | None = None) -> int:

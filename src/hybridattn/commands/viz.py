@@ -7,7 +7,8 @@ and ``run(args) -> int``, like the top-level commands; adding one is one line in
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from hybridattn.cli import add_subcommands
 
 HELP = "draw attention matrices of a trained model (attention) or attention masks (masks)"
 
@@ -18,17 +19,7 @@ VIEWS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="view", metavar="VIEW")
-    for name, module_name in VIEWS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # view not built yet
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_view_run=module.run)
+    add_subcommands(parser.add_subparsers(dest="view", metavar="VIEW"), VIEWS, run_key="_view_run")
     parser.set_defaults(_viz_parser=parser)
 
 
