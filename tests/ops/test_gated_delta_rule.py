@@ -91,6 +91,25 @@ def test_forms_match_reference_float64(mode, shape, gated):
     assert_all_close(got, want, atol=1e-10)
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "delta"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", ["chunk", "parallel"])
+def test_inference_path_matches_reference_float64(mode, shape, gated):
+    """Without gradients the chunk form updates its state and output in place: same numbers as the reference."""
+    b, t, hk, hv, dk, dv, c = shape
+    inputs = make_inputs(b, t, hk, hv, dk, dv, gated=gated)
+    o_ref, s_ref, _ = run(naive_recurrent_gated_delta_rule, inputs, grads=False)
+    with torch.no_grad():
+        o, s, _ = run(gated_delta_rule, inputs, grads=False, mode=mode, chunk_size=c)
+    assert (o - o_ref).abs().max().item() <= 1e-10
+    assert (s - s_ref).abs().max().item() <= 1e-10
+    h0 = inputs["initial_state"].clone()
+    with torch.no_grad():
+        gated_delta_rule(*(inputs[n] for n in ("q", "k", "v", "g", "beta")), initial_state=inputs["initial_state"],
+                         mode=mode, chunk_size=c)
+    assert torch.equal(inputs["initial_state"], h0)  # the caller's state is not updated in place
+
+
 @pytest.mark.slow
 def test_forms_match_reference_float64_long():
     """T=1000 (not a multiple of 64), Dk=60, Dv=100, GVA; the reference is computed once for the three forms."""

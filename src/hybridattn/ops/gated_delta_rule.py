@@ -14,24 +14,12 @@ Forms, side by side (all return ``(o, final_state)``):
   ``O(H Dk Dv)`` whatever the number of tokens already consumed.
 - ``"parallel"``: the whole sequence as a single chunk of the chunk form; materialises the implicit ``T x T``
   attention matrix and can return it (``return_attention=True``).
-- ``"chunk"``: chunkwise-parallel (WY/UT form). All intra-chunk work is batched over every chunk at once; only the
-  state hand-off (three ``[C, Dk] x [Dk, Dv]``-sized products per chunk) is sequential. Training and prefill;
-  differentiated by autograd (memory linear in T).
-
-Chunk form, per chunk of ``C`` tokens with ``gamma`` the chunk-local cumulative log-decay and ``S0`` the state at
-the chunk start (``L[i, j] = exp(gamma_i - gamma_j)`` for ``j <= i``, else 0; ``G = exp(gamma)``)::
-
-    A   = strict_lower(diag(beta) K K^T * L)
-    W   = (I + A)^-1 diag(beta G) K,   U = (I + A)^-1 diag(beta) V      (the UT transform)
-    P   = scale Q K^T * L                                               (inclusive of the diagonal)
-    new = U - W S0                                                      (what the chunk writes)
-    O   = scale diag(G) Q S0 + P new
-    S1  = G_C S0 + Kd^T new,   Kd = diag(exp(gamma_C - gamma)) K
-
-A, W, U and P are computed for all chunks in batched matmuls; only the last three lines run chunk by chunk.
+- ``"chunk"``: chunkwise-parallel (WY/UT form), in ``_gated_delta_chunk.py``: one pass over chunks of ``C`` tokens,
+  each a dozen ``[C, D]``-sized products and one ``C x C`` triangular solve, with a hand-written backward that
+  recomputes each chunk from the saved chunk-start states. Training and prefill; memory linear in T.
 
 Every exponent is a difference of cumulative log-decays inside one chunk and is <= 0 (for g <= 0), so nothing
-overflows however long the sequence; positive exponents are masked before ``exp``.
+overflows however long the sequence.
 
 Shape legend: B batch, T tokens, Hk query/key heads, Hv value heads (GVA: ``Hv % Hk == 0``, value head ``h``
 reads key head ``h // (Hv // Hk)``), Dk key dim, Dv value dim, N packed sequences (``cu_seqlens``), C chunk size.
@@ -41,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from hybridattn.ops._gated_delta_chunk import attention_matrix, chunk_gated_delta_rule
 from hybridattn.ops._checks import (
     check_bthd,
     check_choice,
@@ -130,113 +119,6 @@ def _recurrent(q, k, v, g, beta, scale, h0):
         outs.append(q_t @ s)
     o = torch.stack(outs, 1) if outs else v.new_zeros(b, 0, hk, grp, 1, dv)
     return o.reshape(b, t, hv, dv), s.reshape(b, hv, dk, dv)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Chunk and parallel forms
-# --------------------------------------------------------------------------------------------------------------
-_SOLVE_BLOCK = 16
-
-
-def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, *, block: int = _SOLVE_BLOCK) -> torch.Tensor:
-    """``(I + strict_lower(a))^-1 @ rhs`` for a batch of ``[C, C]`` systems (the UT transform); ``a``'s diagonal
-    and upper triangle are ignored.
-
-    Blocked forward substitution: ``torch.linalg.solve_triangular`` inverts the ``block x block`` diagonal blocks of
-    every system at once, and the ``ceil(C / block)`` block rows are eliminated with batched matmuls. Why not one
-    ``solve_triangular`` on the ``C x C`` systems: on CPU it calls a BLAS ``trsm`` per system that opens its own
-    thread team, and on a shared 2-core machine hundreds of those barriers made it 10-100x slower than the matmuls
-    around it; 16 x 16 solves stay single-threaded and the matmuls are batched over every system.
-
-    Args:
-        a: ``[..., C, C]``. rhs: ``[..., C, R]``. block: diagonal block size.
-
-    Returns:
-        ``[..., C, R]``.
-    """
-    c = a.shape[-1]
-    nb = -(-c // block)
-    pad = nb * block - c
-    if pad:  # zero rows/columns extend the system by an identity block, leaving the solution unchanged
-        a = torch.nn.functional.pad(a, (0, pad, 0, pad))
-        rhs = torch.nn.functional.pad(rhs, (0, 0, 0, pad))
-    lead = a.shape[:-2]
-    diag = a.reshape(*lead, nb, block, nb, block).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
-    eye = torch.eye(block, dtype=a.dtype, device=a.device).expand_as(diag)
-    inv = torch.linalg.solve_triangular(diag, eye, upper=False, unitriangular=True)  # (..., nb, block, block)
-    rows = []
-    for i in range(nb):
-        lo, hi = i * block, (i + 1) * block
-        r = rhs[..., lo:hi, :]
-        if i:
-            r = r - a[..., lo:hi, :lo] @ torch.cat(rows, -2) if i > 1 else r - a[..., lo:hi, :lo] @ rows[0]
-        rows.append(inv[..., i, :, :] @ r)
-    return torch.cat(rows, -2)[..., :c, :] if nb > 1 else rows[0][..., :c, :]
-
-
-def _chunk(q, k, v, g, beta, scale, h0, chunk_size, *, return_attention=False):
-    """Chunkwise-parallel form on token-major tensors, q and k already expanded to the Hv value heads.
-
-    q, k ``[B, T, H, Dk]``; v ``[B, T, H, Dv]``; g (or None), beta ``[B, T, H]``; h0 ``[B, H, Dk, Dv]`` or None.
-    Returns ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv], attention [B, H, T, T] or None)``; ``attention`` is
-    only built when ``return_attention``, and needs ``chunk_size >= T`` (a single chunk).
-    """
-    b, t, h, dk = k.shape
-    dv = v.shape[-1]
-    c = chunk_size
-    pad = (-t) % c
-    if pad:
-        # Padded tokens have k = 0 and beta = 0, so they write nothing; with g = 0 they do not decay the state.
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-        beta = torch.nn.functional.pad(beta, (0, 0, 0, pad))
-        g = None if g is None else torch.nn.functional.pad(g, (0, 0, 0, pad))
-    n = (t + pad) // c
-    if n == 0:
-        s = q.new_zeros(b, h, dk, dv) if h0 is None else h0
-        return v.new_zeros(b, 0, h, dv), s, (q.new_zeros(b, h, 0, 0) if return_attention else None)
-
-    # Chunks first, (N, B*H, C, D) contiguous: every intra-chunk product is one batched matmul over all chunks,
-    # and the sequential loop below reads contiguous per-chunk slices.
-    def chunks(x):
-        return x.reshape(b, n, c, h, -1).permute(1, 0, 3, 2, 4).reshape(n, b * h, c, x.shape[-1])
-
-    q, k, v = chunks(q), chunks(k), chunks(v)
-    beta = chunks(beta[..., None])[..., 0]  # (N, B*H, C)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    if g is None:
-        decay = causal.to(q.dtype)  # L is the plain causal mask
-        k_w, q_read, kd, last = k * beta[..., None], q * scale, k, None
-    else:
-        gam = chunks(g[..., None])[..., 0].cumsum(-1)  # chunk-local, so it stays bounded for any T
-        decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-        gexp = gam.exp()
-        k_w, q_read = k * (beta * gexp)[..., None], q * (gexp * scale)[..., None]
-        kd = k * (gam[..., -1:] - gam).exp()[..., None]
-        last = gexp[..., -1, None, None]  # (N, B*H, 1, 1)
-    kt = k.transpose(-1, -2)
-    # (I + A)^-1 with A = strict_lower(diag(beta) K K^T * L); the solve reads only the strict lower triangle.
-    a = (k @ kt).mul_(decay).mul_(beta[..., :, None])
-    t_inv = solve_unit_lower(a, torch.eye(c, dtype=q.dtype, device=q.device).expand_as(a))
-    w = t_inv @ k_w  # (N, B*H, C, Dk)
-    u = t_inv @ (v * beta[..., None])  # (N, B*H, C, Dv)
-    p = (q @ kt).mul_(decay * scale)  # (N, B*H, C, C), causal inclusive
-    # The only sequential part, per chunk: the values it writes given the incoming state (u - W S), its output
-    # (the state's read plus the intra-chunk attention), and the state hand-off.
-    # unbind, not indexing: the backward of N selects would build N full-size zero gradients.
-    s = q.new_zeros(b * h, dk, dv) if h0 is None else h0.reshape(b * h, dk, dv)
-    outs = []
-    lasts = [None] * n if last is None else last.unbind(0)
-    for u_i, w_i, p_i, q_i, kd_i, last_i in zip(u.unbind(0), w.unbind(0), p.unbind(0), q_read.unbind(0),
-                                               kd.transpose(-1, -2).unbind(0), lasts):
-        new = torch.baddbmm(u_i, w_i, s, alpha=-1)
-        outs.append(torch.baddbmm(p_i @ new, q_i, s))
-        s = torch.baddbmm(s if last_i is None else last_i * s, kd_i, new)
-    o = torch.stack(outs).reshape(n, b, h, c, dv).permute(1, 0, 3, 2, 4).reshape(b, n * c, h, dv)[:, :t]
-    attention = None
-    if return_attention:
-        # o = attention @ v (+ the initial state's read): attention = P (I + A)^-1 diag(beta).
-        attention = (p @ (t_inv * beta[..., None, :]))[0].reshape(b, h, c, c)[..., :t, :t]
-    return o, s.reshape(b, h, dk, dv), attention
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,9 +250,10 @@ def gated_delta_rule(
     if mode == "recurrent":
         o, final = _recurrent(q, k, v, g, beta, scale, h0)
     else:
-        q, k = (x.repeat_interleave(hv // hk, dim=2) for x in (q, k))
         size = max(q.shape[1], 1) if mode == "parallel" else chunk_size
-        o, final, attention = _chunk(q, k, v, g, beta, scale, h0, size, return_attention=return_attention)
+        o, final = chunk_gated_delta_rule(q, k, v, g, beta, h0, scale, size)
+        if return_attention:
+            attention = attention_matrix(q, k, g, beta, scale)
     if index is not None:
         seq, pos = index[:2]
         o = o[seq, pos][None]
