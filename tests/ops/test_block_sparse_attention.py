@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from hybridattn.ops import masks
-from hybridattn.ops.block_sparse_attention import (
-    block_sparse_attention, cached_plan, gather_rows, inverse_index, plan_blocks,
-)
+from hybridattn.ops.block_sparse_attention import _shift_needed, block_sparse_attention, cached_plan, plan_blocks
 from hybridattn.ops.softmax_attention import softmax_attention
 
 
@@ -14,9 +12,12 @@ def _reference(q, k, v, spec, scale=None):
     return softmax_attention(q.double(), k.double(), v.double(), mask=spec, scale=scale, backend="naive")
 
 
-def _compare(spec, *, b=2, tq=45, tk=45, hq=4, hkv=2, d=12, dv=10, block_q=8, block_k=16):
+def _compare(spec, *, b=2, tq=45, tk=45, hq=4, hkv=2, d=12, dv=10, block_q=8, block_k=16, q_gain=None):
+    """Kernel vs the float64 reference, outputs and gradients; ``q_gain [Tq]`` scales the query rows (large
+    logits)."""
     gen = torch.Generator().manual_seed(7)
-    q = torch.randn(b, tq, hq, d, generator=gen, requires_grad=True)
+    q = torch.randn(b, tq, hq, d, generator=gen)
+    q = (q if q_gain is None else q * q_gain[:, None, None]).requires_grad_()
     k = torch.randn(b, tk, hkv, d, generator=gen, requires_grad=True)
     v = torch.randn(b, tk, hkv, dv, generator=gen, requires_grad=True)
     out = block_sparse_attention(q, k, v, spec, block_q=block_q, block_k=block_k)
@@ -48,6 +49,36 @@ def test_matches_dense_reference_gqa_odd_lengths(name):
     spec = SPECS[name]()
     b = 1 if "document" in name else 2
     _compare(spec, b=b)
+
+
+def test_large_logits_use_the_shifted_exp_path_per_block():
+    # logit bounds beyond EXP_SAFE in the second half of the queries: those blocks subtract the row maximum
+    # (over kept keys only) before exp(), the others skip it; both must match the reference. (A gain of 10
+    # keeps the problem well conditioned in fp32: at 40, fp32 SDPA itself misses 1e-5 on dk.)
+    gain = torch.ones(45)
+    gain[24:] = 10.0
+    spec = masks.longformer(5, [0, 30]) & masks.padding(torch.tensor([45, 28]))
+    q, k = torch.randn(2, 45, 4, 12) * gain[:, None, None], torch.randn(2, 45, 2, 12)
+    shifted = _shift_needed(q, k, plan_blocks(spec, 45, 45, 8, 16), 12 ** -0.5)
+    assert any(shifted) and not all(shifted)
+    _compare(spec, q_gain=gain)
+    _compare(masks.sliding_window(6, 3) & masks.causal(), q_gain=gain)
+
+
+@pytest.mark.parametrize("name", ["bigbird-causal-padding", "longformer-dilated"])
+def test_gathered_and_ranged_key_segments(name):
+    # long enough for query blocks whose keys are several ranges (views of k) plus one gathered segment
+    spec = {
+        "bigbird-causal-padding": lambda: masks.bigbird(1, 1, 3, block=8, seed=4) & masks.causal()
+        & masks.padding(torch.tensor([203, 150])),
+        "longformer-dilated": lambda: masks.longformer(20, [0, 1, 100]) | masks.dilated(60, 16),
+    }[name]()
+    plan = plan_blocks(spec, 203, 203, 8, 8)
+    kinds = {type(seg.keys) for blk in plan.blocks for seg in blk.segments}
+    assert kinds == {slice, torch.Tensor}
+    assert max(len(blk.segments) for blk in plan.blocks) >= 2
+    _compare(spec, tq=203, tk=203, block_q=8, block_k=8)
+    _compare(spec, tq=203, tk=203, block_q=8, block_k=8, q_gain=torch.full((203,), 6.0))  # every block shifted
 
 
 def test_per_head_layout_tiles_smaller_than_layout_blocks():
@@ -101,17 +132,6 @@ def test_plan_reuse_and_validation():
         block_sparse_attention(q, q, q, spec, block_q=0)
     with pytest.raises(ValueError, match="q: expected a head count"):
         block_sparse_attention(torch.randn(1, 30, 3, 8), q, q, spec)
-
-
-def test_gather_rows_backward_equals_index_add():
-    idx = torch.tensor([3, 0, 3, 1, 3, 0])
-    inv = inverse_index(idx, 5)
-    assert inv.shape == (5, 3)
-    src = torch.randn(2, 5, 4, requires_grad=True)
-    grad = torch.randn(2, 6, 4)
-    (g,) = torch.autograd.grad(gather_rows(src, idx, inv), src, grad)
-    expected = torch.zeros(2, 5, 4).index_add_(1, idx, grad)
-    torch.testing.assert_close(g, expected)
 
 
 def test_softmax_attention_backend_and_auto_dispatch():

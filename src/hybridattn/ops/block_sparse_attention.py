@@ -1,17 +1,26 @@
 """Block-sparse softmax attention whose cost scales with the pairs a mask keeps.
 
 The mask spec's ``block_layout`` says which (query block, key block) tiles hold any kept pair. Query blocks that
-need the same number of key blocks form a group; for each group the needed key / value blocks are gathered into
-a short, dense key sequence per query block, and one batched SDPA call attends over it (with the spec's
-``mask_mod`` evaluated on the gathered positions when a tile is only partly kept). Autograd flows through the
-gathers and SDPA, so the backward pass also touches only the kept tiles, and every step is a torch op that runs
+need the same number of key blocks form a group with one tile mask (shared by the whole group when the pattern
+is translation invariant, as windows are). The kernel walks the query blocks one at a time; a block's keys are
+read as a few contiguous ranges of ``k`` / ``v`` (views, no copy) or, for scattered blocks (BigBird's random
+ones), gathered once into a reused buffer. Per query block, with plain matmuls:
+
+    E = exp(scale * q k^T - m) * keep,   l = rowsum(E),   o = E v / l
+
+where the shift ``m`` is 0 when ``|scale| |q_i| |k_j|`` bounds every logit of the block by ``EXP_SAFE`` (no
+overflow or subnormal is possible, and the row maximum would cost two more passes over the tile), else the row
+maximum over kept keys. The mask multiplies after exp() instead of adding -inf before it: exp() of -inf or of
+large negative numbers produces subnormals, which cost ~20x per element on x86. The backward pass recomputes
+``E`` block by block from ``q, k, v`` and the saved ``m, l`` (as flash attention does), so memory is the inputs,
+the output and the gradients plus one block's tiles.
+
+Cost: the kept pairs rounded up to whole tiles (``BlockPlan.computed_pairs``). Every step is a torch op that runs
 on any device.
 
-Cost: ``sum over groups of G * M * block_q * block_k`` pairs, i.e. the kept pairs rounded up to whole tiles.
-Memory: the gathered keys and values, ``M * block_k / block_q`` times the size of ``k`` and ``v``.
-
 Shape legend: B batch, Tq / Tk query / key length, Hq / Hkv query / key-value heads, D head dim, Dv value head
-dim, nQ / nK query / key blocks, G query blocks in a group, M key blocks each of them reads.
+dim, nQ / nK query / key blocks, G query blocks in a group (or query heads per key head, by context), M key
+blocks each of them reads.
 """
 
 from __future__ import annotations
@@ -25,12 +34,16 @@ import torch.nn.functional as F
 
 from hybridattn.ops._checks import check_positive_int, check_qkv
 from hybridattn.ops.masks import EMPTY, FULL, Causal, Document, MaskSpec, Padding, _Combined, as_mask_spec
+from hybridattn.ops.softmax_attention import accumulation_dtype
 from hybridattn.ops.sparse_masks import BlockSparse, Fixed, GlobalTokens, _DistanceSpec
 
-__all__ = ["BlockGroup", "BlockPlan", "block_sparse_attention", "cached_plan", "plan_blocks", "prefers_block_sparse"]
+__all__ = ["BlockGroup", "BlockPlan", "KeySegment", "QueryBlock", "block_sparse_attention", "cached_plan", "plan_blocks",
+           "prefers_block_sparse"]
 
-#: how many distinct group widths a plan may have before widths are rounded up (each group is one SDPA call)
-MAX_GROUPS = 8
+
+#: logits bounded by this (|scale| * |q_i| * |k_j|, Cauchy-Schwarz) need no max shift before exp(): exp(+-40) and
+#: sums of up to 1e20 such terms stay normal fp32 numbers, and the shift costs two passes over every tile
+EXP_SAFE = 40.0
 
 
 @dataclass
@@ -42,22 +55,58 @@ class BlockGroup:
     k_blocks: torch.Tensor
     keep: torch.Tensor | None
     rows_kept: bool  # False when some query row of the group has no kept key at all
-    q_inv: torch.Tensor  # inverse indices of q_blocks / k_blocks for the gathers' backward (see inverse_index)
-    k_inv: torch.Tensor
 
     def __post_init__(self):
-        self._additive: dict = {}
+        self._masks: dict = {}
+
+    def _cached(self, key, make) -> torch.Tensor:
+        if key not in self._masks:
+            self._masks[key] = make()
+        return self._masks[key]
+
+    def _attended(self) -> torch.Tensor:
+        # rows without any kept key attend freely here and are zeroed afterwards (row_kept), so that the
+        # softmax never computes 0/0
+        return self.keep if self.rows_kept else self.keep | ~self.keep.any(-1, keepdim=True)
+
+    def weight_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """``keep`` as 1 / 0 factors on ``exp(logits)``, made once per dtype. Masking after exp() rather than
+        adding -inf before it keeps exp() on its fast path (exp of -inf or of a huge negative number produces
+        subnormals, which cost ~20x per element on x86)."""
+        return self._cached(("weight", dtype), lambda: self._attended().to(dtype))
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """``keep`` as SDPA's additive mask (0 / -inf), made once per dtype: SDPA would otherwise convert the
-        boolean mask on every call. Rows without any kept key attend freely here and are zeroed afterwards, so
-        that SDPA never computes 0/0."""
-        if dtype not in self._additive:
-            keep = self.keep if self.rows_kept else self.keep | ~self.keep.any(-1, keepdim=True)
-            zero = torch.zeros((), dtype=dtype, device=keep.device)
-            self._additive[dtype] = torch.where(keep, zero, torch.full((), float("-inf"), dtype=dtype,
-                                                                       device=keep.device))
-        return self._additive[dtype]
+        """``keep`` as 0 / -inf logits (for the row maximum over kept keys), made once per dtype."""
+        return self._cached(("additive", dtype), lambda: torch.zeros((), dtype=dtype, device=self.keep.device)
+                            .masked_fill(~self._attended(), float("-inf")))
+
+    def row_kept(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[B|1, G|1, H|1, bq, 1]``: 1 for query rows with a kept key, 0 for the others (only when
+        ``rows_kept`` is False)."""
+        return self._cached(("rows", dtype), lambda: self.keep.any(-1, keepdim=True).to(dtype))
+
+
+@dataclass
+class KeySegment:
+    """Keys one query block reads in one matmul: the tokens of a contiguous range (``keys`` a slice, read as a
+    view of k) or the tokens listed in ``keys`` (gathered; positions past the end repeat the last key and are
+    masked). They are columns ``[offset, offset + width)`` of the group's tile mask."""
+
+    offset: int
+    width: int
+    keys: slice | torch.Tensor
+
+
+@dataclass
+class QueryBlock:
+    """One step of the kernel's loop: query rows ``[start, start + rows)``, row ``index`` of group ``group``,
+    attend to the keys of ``segments``."""
+
+    start: int
+    rows: int
+    group: int
+    index: int
+    segments: list[KeySegment]
 
 
 @dataclass
@@ -71,71 +120,11 @@ class BlockPlan:
     block_k: int
     groups: list[BlockGroup]
     empty_q_blocks: torch.Tensor
-    order: torch.Tensor  # puts the concatenated group outputs (then the empty blocks) back in block order
-    order_inv: torch.Tensor
+    blocks: list[QueryBlock]
 
     def computed_pairs(self) -> int:
         """Query-key pairs the kernel computes per batch row and head (kept pairs rounded up to tiles)."""
         return sum(g.k_blocks.numel() for g in self.groups) * self.block_q * self.block_k
-
-
-class _GatherRows(torch.autograd.Function):
-    """``src.index_select(1, idx)`` whose backward is a gather too: ``inv [N, R]`` lists, for each source row,
-    the output rows that read it (``S`` = none). CPU ``index_add`` (the stock backward) is single-threaded and
-    was the slowest step of the whole kernel; gather + sum runs at memory speed on any device."""
-
-    @staticmethod
-    def forward(ctx, src, idx, inv):
-        ctx.save_for_backward(inv)
-        return src.index_select(1, idx)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (inv,) = ctx.saved_tensors
-        n, r = inv.shape
-        s = grad.shape[1]
-        flat = inv.flatten()
-        out = grad.index_select(1, flat.clamp(max=s - 1))  # (B, n * r, F...)
-        empty = torch.nonzero(flat == s).flatten()
-        if empty.numel():
-            out.index_fill_(1, empty, 0)  # slots that read nothing; touching only them is cheaper than padding grad
-        out = out.view(grad.shape[0], n, r, *grad.shape[2:])
-        return (out.squeeze(2) if r == 1 else out.sum(2)), None, None
-
-
-def inverse_index(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """For ``idx [S]`` with values in ``[0, n)``: ``inv [n, R]`` with the positions reading each value, padded
-    with ``S`` (``R`` = the largest multiplicity, at least 1)."""
-    s = idx.numel()
-    counts = torch.bincount(idx, minlength=n)
-    r = max(int(counts.max()) if s else 1, 1)
-    pos = torch.argsort(idx, stable=True)
-    sorted_idx = idx[pos]
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(s, device=idx.device) - first[sorted_idx]
-    inv = torch.full((n, r), s, dtype=torch.long, device=idx.device)
-    inv[sorted_idx, rank] = pos
-    return inv
-
-
-def gather_rows(src: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None = None) -> torch.Tensor:
-    """``src [B, N, F...]`` rows ``idx`` along dim 1, differentiable with a gather-based backward."""
-    if inv is None:
-        inv = inverse_index(idx, src.shape[1])
-    return _GatherRows.apply(src, idx, inv)
-
-
-def _round_widths(widths: torch.Tensor) -> torch.Tensor:
-    """Round group widths up to a few levels so a ragged layout (e.g. BigBird & causal) makes few SDPA calls."""
-    levels = torch.unique(widths)
-    if levels.numel() <= MAX_GROUPS:
-        return widths
-    # geometric levels between the smallest and the largest width, at most MAX_GROUPS of them
-    lo, hi = float(levels[0]), float(levels[-1])
-    grid = torch.unique(torch.ceil(torch.logspace(math.log10(lo), math.log10(hi), MAX_GROUPS)).long())
-    grid[-1] = int(hi)
-    return grid[torch.searchsorted(grid, widths.cpu())].to(widths.device)
 
 
 def _group_keep(spec, mask_mod, q_len, kv_len, q_blocks, k_blocks, full, block_q, block_k):
@@ -157,6 +146,52 @@ def _group_keep(spec, mask_mod, q_len, kv_len, q_blocks, k_blocks, full, block_q
     return keep.flatten(-2)
 
 
+#: a query block's key blocks are read as at most this many contiguous ranges (views of k, no copy); beyond
+#: that, ranges shorter than LONG_RUN keys are gathered into one segment (e.g. BigBird's random blocks)
+MAX_SEGMENTS, LONG_RUN = 2, 256
+
+
+def _runs(blocks: list[int]) -> list[list[int]]:
+    """Ascending block indices split into runs of consecutive ones."""
+    runs = [[blocks[0]]]
+    for blk in blocks[1:]:
+        if blk == runs[-1][-1] + 1:
+            runs[-1].append(blk)
+        else:
+            runs.append([blk])
+    return runs
+
+
+def _segment_order(blocks: list[int], block_k: int) -> list[list[int]]:
+    """The key blocks of one query block as segments: each run a range if there are few runs, else the long runs
+    as ranges and every other block in one gathered segment (last)."""
+    runs = _runs(blocks)
+    if len(runs) <= MAX_SEGMENTS:
+        return runs
+    long = [r for r in runs if len(r) * block_k >= LONG_RUN]
+    rest = [blk for r in runs if len(r) * block_k < LONG_RUN for blk in r]
+    return long + [rest]
+
+
+def _query_blocks(q_blocks, segmented, q_len, kv_len, block_q, block_k, group, device) -> list[QueryBlock]:
+    """The loop steps of one group: ``segmented`` holds each row's key blocks split into segments (in the order
+    of the group's mask columns)."""
+    steps = []
+    for i, (qb, segs) in enumerate(zip(q_blocks, segmented)):
+        segments, offset = [], 0
+        for seg in segs:
+            if seg == list(range(seg[0], seg[0] + len(seg))):
+                keys = slice(seg[0] * block_k, min((seg[0] + len(seg)) * block_k, kv_len))
+                width = keys.stop - keys.start
+            else:
+                tokens = torch.tensor(seg, device=device)[:, None] * block_k + torch.arange(block_k, device=device)
+                keys, width = tokens.flatten().clamp(max=kv_len - 1), len(seg) * block_k
+            segments.append(KeySegment(offset, width, keys))
+            offset += len(seg) * block_k
+        steps.append(QueryBlock(qb * block_q, min(block_q, q_len - qb * block_q), group, i, segments))
+    return steps
+
+
 def plan_blocks(spec: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: int, *, device=None) -> BlockPlan:
     """Group query blocks by the key blocks they need (union over batch rows and heads), with their masks."""
     layout = spec.block_layout(q_len, kv_len, block_q, block_k, device=device)  # [B|1, H|1, nQ, nK]
@@ -165,30 +200,26 @@ def plan_blocks(spec: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: 
     if kv_len % block_k:
         all_full[:, -1] = False  # the cut-short last key block needs a mask for its missing keys
     counts = need.sum(-1)
-    padded = torch.zeros_like(counts)
-    padded[counts > 0] = _round_widths(counts[counts > 0])
     # needed key blocks first, in ascending order (a stable sort of "not needed")
     order = torch.argsort((~need).to(torch.int8), dim=-1, stable=True)
     mask_mod = spec.mask_mod(q_len, kv_len)
-    groups = []
-    for width in torch.unique(padded[counts > 0]).tolist():
-        rows = torch.nonzero(padded == width).flatten()
-        slot_ok = torch.arange(width, device=need.device)[None, :] < counts[rows, None]
-        kb = torch.where(slot_ok, order[rows, :width], order[rows, :1])  # padded slots repeat a real block
-        full = all_full[rows[:, None], kb] & slot_ok
+    groups, blocks = [], []
+    for width in torch.unique(counts[counts > 0]).tolist():
+        rows = torch.nonzero(counts == width).flatten()
+        segmented = [_segment_order(r, block_k) for r in order[rows, :width].tolist()]
+        kb = torch.tensor([[blk for seg in segs for blk in seg] for segs in segmented], device=need.device)
+        full = all_full[rows[:, None], kb]
         keep = None
         if not bool(full.all()):
-            # padded slots are "not full" and get masked: their positions fail the slot_ok test below
             keep = _group_keep(spec, mask_mod, q_len, kv_len, rows, kb, full, block_q, block_k)
-            keep = keep & slot_ok.repeat_interleave(block_k, dim=1)[None, :, None, None, :]
         rows_kept = keep is None or bool(keep.any(-1).all())
         if keep is not None and bool((keep == keep[:, :1]).all()):
             keep = keep[:, :1]  # translation-invariant patterns (windows) share one tile mask across the group
-        n_q, n_k = need.shape
-        groups.append(BlockGroup(rows, kb, keep, rows_kept, inverse_index(rows, n_q), inverse_index(kb.flatten(), n_k)))
+        groups.append(BlockGroup(rows, kb, keep, rows_kept))
+        blocks += _query_blocks(rows.tolist(), segmented, q_len, kv_len, block_q, block_k, len(groups) - 1,
+                                need.device)
     empty = torch.nonzero(counts == 0).flatten()
-    order = torch.argsort(torch.cat([g.q_blocks for g in groups] + [empty]))
-    return BlockPlan(q_len, kv_len, block_q, block_k, groups, empty, order, inverse_index(order, order.numel()))
+    return BlockPlan(q_len, kv_len, block_q, block_k, groups, empty, sorted(blocks, key=lambda blk: blk.start))
 
 
 _PLANS: "weakref.WeakKeyDictionary[MaskSpec, dict]" = weakref.WeakKeyDictionary()
@@ -204,6 +235,198 @@ def cached_plan(spec: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: 
             per_spec.pop(next(iter(per_spec)))
         per_spec[key] = plan_blocks(spec, q_len, kv_len, block_q, block_k, device=device)
     return per_spec[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel: one query block at a time, plain matmuls, recomputing backward
+# ---------------------------------------------------------------------------------------------------------
+class _Scratch:
+    """Buffers reused by every query block of one call: a fresh allocation per block costs more than the
+    arithmetic on it (cold cache lines, page faults), and block tiles stay in the caches when reused."""
+
+    def __init__(self, dtype: torch.dtype, device):
+        self.dtype, self.device, self.buffers = dtype, device, {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return buf[:n].view(shape)
+
+
+# The loop runs one batch row at a time on [T, H, X] slices of the inputs: a key range is then a view
+# (Hkv, width, X) whose rows are Hkv * X apart, which matmul reads as it is (no copy of k or v by head).
+def _rows_by_head(x: torch.Tensor, blk: QueryBlock, hkv: int, out: torch.Tensor, scale: float | None = None):
+    """Rows of ``blk`` from ``x [T, Hq, X]`` copied (times ``scale``) into ``out (Hkv, rows * G, X)``: the G query
+    heads that share a key / value head are extra rows of one matmul (GQA)."""
+    rows = x[blk.start:blk.start + blk.rows].unflatten(1, (hkv, -1)).transpose(0, 1)  # (Hkv, rows, G, X)
+    dest = out.view(rows.shape)
+    if scale is None:
+        dest.copy_(rows)
+    else:
+        torch.mul(rows, scale, out=dest)
+    return out
+
+
+def _put_rows(dest: torch.Tensor, blk: QueryBlock, src: torch.Tensor) -> None:
+    """Write ``src (Hkv, rows * G, X)`` (the layout of ``_rows_by_head``) into the rows of ``blk`` of
+    ``dest [T, Hq, X]``."""
+    view = dest[blk.start:blk.start + blk.rows].unflatten(1, (src.shape[0], -1))  # (rows, Hkv, G, X)
+    view.copy_(src.view(src.shape[0], blk.rows, -1, src.shape[-1]).transpose(0, 1))
+
+
+def _keys(x: torch.Tensor, seg: KeySegment, scratch: _Scratch, name: str) -> torch.Tensor:
+    """The keys (or values) of ``seg`` from ``x [Tk, Hkv, X]`` as ``(Hkv, width, X)``: a view for a range, else
+    gathered into a scratch buffer."""
+    if isinstance(seg.keys, slice):
+        return x[seg.keys].transpose(0, 1)
+    out = scratch(name, seg.width, x.shape[1], x.shape[2])
+    return torch.index_select(x, 0, seg.keys, out=out).transpose(0, 1)
+
+
+def _add_keys(dest: torch.Tensor, seg: KeySegment, src: torch.Tensor) -> None:
+    """``dest [Tk, Hkv, X]`` at the keys of ``seg`` += ``src (Hkv, width, X)``."""
+    if isinstance(seg.keys, slice):
+        dest[seg.keys].add_(src.transpose(0, 1))
+    else:
+        dest.index_add_(0, seg.keys, src.transpose(0, 1))  # repeated padding keys add exact zeros (weights 0)
+
+
+def _per_row(t: torch.Tensor, blk: QueryBlock, batch: int, hkv: int, cols: slice) -> torch.Tensor:
+    """A group tensor ``[B|1, G|1, H|1, bq, X]`` for ``blk`` of batch row ``batch`` (columns ``cols``), shaped to
+    broadcast against a block's ``(Hkv, rows, G, X)`` view."""
+    t = t[batch if t.shape[0] > 1 else 0, blk.index if t.shape[1] > 1 else 0, :, :blk.rows, cols]  # (H|1, rows, X)
+    return t.unsqueeze(2) if t.shape[0] == 1 else t.unflatten(0, (hkv, -1)).transpose(1, 2)
+
+
+def _weights(qs, k, grp: BlockGroup, blk: QueryBlock, batch: int, shift, scratch: _Scratch):
+    """Per key segment of ``blk``: ``(E, keys)`` with ``E = exp(qs keys^T - shift)`` times the tile mask,
+    ``(Hkv, rows * G, width)``. ``shift`` is the row maximum over kept keys, ``None`` to compute it (returned
+    second), or ``False`` for no shift."""
+    hkv = k.shape[1]
+    out = []
+    for j, seg in enumerate(blk.segments):
+        kk = _keys(k, seg, scratch, f"k{j}")
+        out.append((torch.bmm(qs, kk.transpose(1, 2), out=scratch(f"s{j}", hkv, qs.shape[1], seg.width)), kk))
+    cols = [slice(seg.offset, seg.offset + seg.width) for seg in blk.segments]
+    if shift is None:
+        maxima = [s.amax(-1, keepdim=True) if grp.keep is None else
+                  (s.view(hkv, blk.rows, -1, s.shape[-1]) + _per_row(grp.additive_mask(s.dtype), blk, batch, hkv, c))
+                  .view_as(s).amax(-1, keepdim=True) for (s, _), c in zip(out, cols)]
+        shift = torch.stack(maxima).amax(0)
+    for (s, _), c in zip(out, cols):
+        if shift is not False:
+            # no subnormals or overflow: kept keys weigh at least e^-40 (< 1e-17 of the row's largest), masked
+            # ones (perhaps above the maximum over kept keys) are zeroed below
+            s.sub_(shift).clamp_(min=-EXP_SAFE, max=0.0)
+        s.exp_()
+        if grp.keep is not None:
+            s.view(hkv, blk.rows, -1, s.shape[-1]).mul_(_per_row(grp.weight_mask(s.dtype), blk, batch, hkv, c))
+    return out, shift
+
+
+def _zero_row_outputs(x: torch.Tensor, grp: BlockGroup, blk: QueryBlock, batch: int) -> None:
+    """Zero the rows of ``x (Hkv, rows * G, X)`` that keep no key (they attended freely)."""
+    if not grp.rows_kept:
+        view = x.view(x.shape[0], blk.rows, -1, x.shape[-1])
+        view.mul_(_per_row(grp.row_kept(x.dtype), blk, batch, x.shape[0], slice(None)))
+
+
+def _shift_needed(q, k, plan: BlockPlan, scale: float) -> list[bool]:
+    """Per query block of ``plan.blocks``: whether its logits may leave ``[-EXP_SAFE, EXP_SAFE]``, so that exp()
+    needs the row-max shift (bound: ``|scale| * max |q_i| * max |k_j|`` over the block's rows and keys)."""
+    acc = accumulation_dtype(q.dtype)
+    qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax(dim=(0, 2)) * abs(scale)  # (Tq,)
+    kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax(dim=(0, 2))  # (Tk,)
+    nq, nk = -(-plan.q_len // plan.block_q), -(-plan.kv_len // plan.block_k)
+    q_max = F.pad(qn, (0, nq * plan.block_q - plan.q_len)).view(nq, plan.block_q).amax(1)
+    k_max = F.pad(kn, (0, nk * plan.block_k - plan.kv_len)).view(nk, plan.block_k).amax(1)
+    safe = [(q_max[g.q_blocks] * k_max[g.k_blocks].amax(1) <= EXP_SAFE).tolist() for g in plan.groups]
+    return [not safe[blk.group][blk.index] for blk in plan.blocks]
+
+
+def _zero_empty_blocks(x: torch.Tensor, plan: BlockPlan) -> None:
+    for qb in plan.empty_q_blocks.tolist():
+        x[:, qb * plan.block_q:(qb + 1) * plan.block_q] = 0
+
+
+class _BlockSparseSoftmax(torch.autograd.Function):
+    """Forward: per query block ``E = exp(s - m)``, ``l = rowsum(E)``, ``o = E v / l`` (saved: q, k, v, o, m, l).
+    Backward recomputes ``E`` per block; with ``do' = do / l`` and ``delta = rowsum(do' * o)``:
+    ``dv = E^T do'``, ``ds = E * (do' v^T - delta)``, ``dq = scale * ds k``, ``dk = ds^T (scale * q)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: BlockPlan, scale: float):
+        b, tq, hq, d = q.shape
+        hkv, dv = k.shape[2], v.shape[3]
+        g = hq // hkv
+        acc = accumulation_dtype(q.dtype)
+        shifted = _shift_needed(q, k, plan, scale)
+        out = q.new_empty(b, tq, hq, dv)
+        _zero_empty_blocks(out, plan)
+        shift = torch.zeros(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row shift m, (t, g) row order
+        norm = torch.ones(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row sum l
+        scratch = _Scratch(acc, q.device)
+        for i in range(b):
+            ki, vi = k[i].to(acc), v[i].to(acc)
+            for blk, exact in zip(plan.blocks, shifted):
+                grp, rows, n = plan.groups[blk.group], slice(blk.start * g, (blk.start + blk.rows) * g), blk.rows * g
+                qs = _rows_by_head(q[i], blk, hkv, scratch("q", hkv, n, d), scale)
+                weights, m = _weights(qs, ki, grp, blk, i, None if exact else False, scratch)
+                if exact:
+                    shift[i, :, rows] = m
+                o, l = scratch("o", hkv, n, dv), norm[i, :, rows]
+                for j, ((e, _), seg) in enumerate(zip(weights, blk.segments)):
+                    vv = _keys(vi, seg, scratch, f"v{j}")
+                    if j == 0:
+                        torch.sum(e, -1, keepdim=True, out=l)
+                        torch.bmm(e, vv, out=o)
+                    else:
+                        l += e.sum(-1, keepdim=True)
+                        o.baddbmm_(e, vv)
+                o.div_(l)
+                _zero_row_outputs(o, grp, blk, i)
+                _put_rows(out[i], blk, o)
+        ctx.save_for_backward(q, k, v, out, shift, norm)
+        ctx.plan, ctx.scale, ctx.shifted = plan, scale, shifted
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, shift, norm = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        b, _, hq, d = q.shape
+        hkv, dv = k.shape[2], v.shape[3]
+        g = hq // hkv
+        acc = accumulation_dtype(q.dtype)
+        dq = torch.empty_like(q)
+        _zero_empty_blocks(dq, plan)
+        dk, dvv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+        scratch = _Scratch(acc, q.device)
+        for i in range(b):
+            ki, vi = k[i].to(acc), v[i].to(acc)
+            for blk, exact in zip(plan.blocks, ctx.shifted):
+                grp, rows, n = plan.groups[blk.group], slice(blk.start * g, (blk.start + blk.rows) * g), blk.rows * g
+                qs = _rows_by_head(q[i], blk, hkv, scratch("q", hkv, n, d), scale)
+                weights, _ = _weights(qs, ki, grp, blk, i, shift[i, :, rows] if exact else False, scratch)
+                do = _rows_by_head(grad_out[i], blk, hkv, scratch("do", hkv, n, dv)).div_(norm[i, :, rows])
+                _zero_row_outputs(do, grp, blk, i)  # do' = do / l, zero where no key is kept
+                delta = (do * _rows_by_head(out[i], blk, hkv, scratch("o", hkv, n, dv))).sum(-1, keepdim=True)
+                dqs = scratch("dq", hkv, n, d)
+                for j, ((e, kk), seg) in enumerate(zip(weights, blk.segments)):
+                    vv = _keys(vi, seg, scratch, f"v{j}")
+                    _add_keys(dvv[i], seg, torch.bmm(e.transpose(1, 2), do, out=scratch("dkv", hkv, seg.width, dv)))
+                    ds = torch.bmm(do, vv.transpose(1, 2), out=scratch("ds", hkv, n, seg.width))
+                    ds.sub_(delta).mul_(e)
+                    if j == 0:
+                        torch.bmm(ds, kk, out=dqs)
+                    else:
+                        dqs.baddbmm_(ds, kk)
+                    _add_keys(dk[i], seg, torch.bmm(ds.transpose(1, 2), qs, out=scratch("dkv", hkv, seg.width, d)))
+                _put_rows(dq[i], blk, dqs.mul_(scale))
+        return dq, dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 
 def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None,
@@ -247,37 +470,7 @@ def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: f
     elif (plan.q_len, plan.kv_len, plan.block_q, plan.block_k) != (tq, tk, block_q, block_k):
         raise ValueError(f"plan: expected one made for Tq={tq}, Tk={tk}, tiles ({block_q}, {block_k}), received "
                          f"Tq={plan.q_len}, Tk={plan.kv_len}, tiles ({plan.block_q}, {plan.block_k})")
-    bq, bkk = block_q, block_k
-    n_q, n_k = -(-tq // bq), -(-tk // bkk)
-    # Blocks are rows of one flat dimension so that gathers are index_select, whose backward is a fast
-    # index_add (advanced indexing would backpropagate through a much slower accumulating index_put).
-    qp = F.pad(q, (0, 0, 0, 0, 0, n_q * bq - tq)).view(b, n_q, bq * hq * d)
-    kp = F.pad(k, (0, 0, 0, 0, 0, n_k * bkk - tk)).view(b, n_k, bkk * hkv * d)
-    vp = F.pad(v, (0, 0, 0, 0, 0, n_k * bkk - tk)).view(b, n_k, bkk * hkv * dv)
-
-    outs = []
-    for grp in plan.groups:
-        g, m = grp.k_blocks.shape
-        flat_k = grp.k_blocks.flatten()
-        qg = gather_rows(qp, grp.q_blocks, grp.q_inv).view(b * g, bq, hq, d).transpose(1, 2)  # (B*G, Hq, bq, D)
-        kg = gather_rows(kp, flat_k, grp.k_inv).view(b * g, m * bkk, hkv, d).transpose(1, 2)  # (B*G, Hkv, M*bk, D)
-        vg = gather_rows(vp, flat_k, grp.k_inv).view(b * g, m * bkk, hkv, dv).transpose(1, 2)
-        attn_mask = None
-        if grp.keep is not None:
-            keep = grp.additive_mask(q.dtype)
-            if keep.shape[:2] == (1, 1):
-                attn_mask = keep[0]  # one tile mask for the whole group: SDPA broadcasts it, no copy
-            else:
-                attn_mask = keep.expand(b, g, *keep.shape[2:]).reshape(b * g, keep.shape[2], bq, m * bkk)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, scale=scale, enable_gqa=hq != hkv)
-        if not grp.rows_kept:
-            kept = grp.keep.any(-1, keepdim=True).expand(b, g, *grp.keep.shape[2:-1], 1)
-            o = torch.where(kept.reshape(b * g, -1, bq, 1), o, torch.zeros((), dtype=o.dtype, device=o.device))
-        outs.append(o.transpose(1, 2).reshape(b, g, bq * hq * dv))
-    if plan.empty_q_blocks.numel():
-        outs.append(q.new_zeros(b, plan.empty_q_blocks.numel(), bq * hq * dv))
-    out = gather_rows(torch.cat(outs, dim=1), plan.order, plan.order_inv)  # (B, nQ, bq * Hq * Dv)
-    return out.view(b, n_q * bq, hq, dv)[:, :tq]
+    return _BlockSparseSoftmax.apply(q, k, v, plan, scale)
 
 
 class _KeepAll(MaskSpec):
