@@ -199,6 +199,22 @@ def test_short_conv_with_tail_equals_whole_sequence():
     assert torch.equal(t2, tail) and torch.equal(tail, x[:, -3:])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_short_conv_outputs_and_grads_match_conv1d_float64(bias):
+    """The shifted multiply-add form against F.conv1d in float64: outputs and the gradients of x, weight, bias."""
+    conv = ShortConvolution(5, 4, bias=bias).double()
+    x = torch.randn(2, 13, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 13, 5, dtype=torch.float64)
+    y, _ = conv(x)
+    params = [x, conv.weight] + ([conv.bias] if bias else [])
+    got = torch.autograd.grad((y * w).sum(), params)
+    ref = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, conv.bias, groups=5)).transpose(1, 2)
+    want = torch.autograd.grad((ref * w).sum(), params)
+    assert (y - ref).abs().max().item() <= 1e-12
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() <= 1e-12
+
+
 def test_short_conv_rejects_right_padding_and_wrong_tail():
     conv = ShortConvolution(4, 4)
     layer = build("deltanet", CASES[1][1])

@@ -31,6 +31,17 @@ from __future__ import annotations
 
 import torch
 
+#: log-decays below this give exactly zero decay factors (``exp(-60)`` ~ 1e-26), see :func:`exp_flushed`
+FLUSH_LOG_DECAY = -60.0
+
+
+def exp_flushed(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)``, with exact zeros where ``x < FLUSH_LOG_DECAY``. Why: a strongly decaying head (Qwen3-Next's gates
+    reach ``g ~ -10`` per token) multiplies ever smaller factors into the state and the chunk matrices until they
+    are denormal, and CPU arithmetic on denormals runs 10-100x slower (``exp`` itself too). The terms dropped are
+    below 1e-26 of the O(1) ones, beneath float64 resolution."""
+    return torch.where(x > FLUSH_LOG_DECAY, x.clamp(min=FLUSH_LOG_DECAY).exp(), 0.0)
+
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, H, D]`` -> ``[T, B*H, D]``: a view when B == 1, one copy otherwise. A chunk of it, transposed, is
@@ -69,7 +80,7 @@ class _Chunks:
         self.gated = g is not None
         if self.gated:
             gam = self.gate_chunks(g).cumsum(-2)  # chunk-local, so every exponent below is bounded for any T
-            self.gam, self.gexp = gam, gam.exp()
+            self.gam, self.gexp = gam, exp_flushed(gam)
         self.mask = torch.ones(chunk_size, chunk_size, dtype=q.dtype, device=q.device).tril()
 
     def gate_chunks(self, x):
@@ -100,9 +111,11 @@ class _Chunks:
         if not self.gated:
             return qc, kc, vc, beta, None, None, mask
         gm = self.gam[i, :, :cc]
-        # tril before exp: the upper triangle would overflow for positive differences, and exp(-inf) is slow
-        decay = (gm - gm.mT).tril_().exp_().mul_(mask)
-        return qc, kc, vc, beta, self.gexp[i, :, :cc], (gm[:, -1:] - gm).exp_(), decay
+        # exp_flushed in place; tril first: the upper triangle would overflow for positive differences
+        diff = (gm - gm.mT).tril_()
+        keep = diff > FLUSH_LOG_DECAY
+        decay = diff.clamp_(min=FLUSH_LOG_DECAY).exp_().mul_(mask).mul_(keep)
+        return qc, kc, vc, beta, self.gexp[i, :, :cc], exp_flushed(gm[:, -1:] - gm), decay
 
 
 def chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, *, states=None):
@@ -243,7 +256,7 @@ def attention_matrix(q, k, g, beta, scale):
     decay = torch.ones(t, t, dtype=q.dtype, device=q.device).tril()
     if g is not None:
         gam = g.transpose(1, 2).cumsum(-1).unsqueeze(-1)
-        decay = (gam - gam.mT).tril().exp() * decay
+        decay = exp_flushed((gam - gam.mT).tril()) * decay
     a = (k @ k.mT) * decay * bt
     p = (q @ k.mT) * decay * scale
     eye = torch.eye(t, dtype=q.dtype, device=q.device).expand(b * hv, t, t)

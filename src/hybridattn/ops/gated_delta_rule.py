@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridattn.ops._gated_delta_chunk import attention_matrix, chunk_gated_delta_rule
+from hybridattn.ops._gated_delta_chunk import attention_matrix, chunk_gated_delta_rule, exp_flushed
 from hybridattn.ops._checks import (
     check_bthd,
     check_choice,
@@ -107,7 +107,7 @@ def _recurrent(q, k, v, g, beta, scale, h0):
     grp = hv // hk
     s = q.new_zeros(b, hk, grp, dk, dv) if h0 is None else h0.reshape(b, hk, grp, dk, dv)
     v, beta = v.reshape(b, t, hk, grp, 1, dv), beta.reshape(b, t, hk, grp, 1, 1)
-    decay = None if g is None else g.reshape(b, t, hk, grp, 1, 1).exp()
+    decay = None if g is None else exp_flushed(g.reshape(b, t, hk, grp, 1, 1))
     q, k = (q * scale).reshape(b, t, hk, 1, 1, dk), k.reshape(b, t, hk, 1, 1, dk)
     outs = []
     decays = [None] * t if decay is None else decay.unbind(1)
