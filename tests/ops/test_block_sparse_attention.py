@@ -81,6 +81,19 @@ def test_gathered_and_ranged_key_segments(name):
     _compare(spec, tq=203, tk=203, block_q=8, block_k=8, q_gain=torch.full((203,), 6.0))  # every block shifted
 
 
+def test_wide_query_blocks_are_planned_with_finer_tiles():
+    # the query block holding a global token reads every key block; with tiles of block_q // REFINE rows only
+    # the global row's tile does, and the computed pairs drop accordingly
+    spec = masks.longformer(4, [0, 150]) & masks.padding(torch.tensor([200, 170]))
+    plan = plan_blocks(spec, 200, 200, 16, 8)
+    assert sorted({grp.block_q for grp in plan.groups}) == [4, 16]
+    fine = [grp for grp in plan.groups if grp.block_q == 4]
+    assert sorted({qb // 4 for grp in fine for qb in grp.q_blocks.tolist()}) == [0, 9]  # rows 0 and 150
+    # the two coarse blocks would compute 2 x 16 rows x 200 keys; their fine tiles at most half of it
+    assert sum(grp.k_blocks.numel() for grp in fine) * 4 * 8 <= 16 * 200
+    _compare(spec, tq=200, tk=200, block_q=16, block_k=8)
+
+
 def test_per_head_layout_tiles_smaller_than_layout_blocks():
     gen = torch.Generator().manual_seed(3)
     layout = torch.rand(4, 6, 6, generator=gen) > 0.6
@@ -172,3 +185,20 @@ def test_backend_reuses_plans_of_equal_specs():
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     ref = _reference(q, q, q, masks.longformer(3, [1]) & masks.causal())
     torch.testing.assert_close(outs[0].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    # bf16 in and out, float32 inside: within bf16 rounding of a float32 run on the same (bf16) values; the
+    # gradients' backward also reads the bf16-rounded output, so they are compared at their tensor's scale
+    spec = masks.longformer(6, [0, 20]) & masks.causal()
+    q, k, v = (torch.randn(2, 45, h, 12).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2))
+    grad = torch.randn(2, 45, 4, 12).to(torch.bfloat16)
+    out = block_sparse_attention(q, k, v, spec, block_q=8, block_k=8)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = block_sparse_attention(q32, k32, v32, spec, block_q=8, block_k=8)
+    want = torch.autograd.grad(ref, (q32, k32, v32), grad.float())
+    assert out.dtype == torch.bfloat16 and all(x.dtype == torch.bfloat16 for x in got)
+    assert ((out.float() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-6).all()
+    for a, w in zip(got, want):
+        assert (a.float() - w).abs().max() <= 2 ** -7 * w.abs().max()

@@ -48,9 +48,11 @@ EXP_SAFE = 40.0
 
 @dataclass
 class BlockGroup:
-    """Query blocks that read the same number ``M`` of key blocks: ``q_blocks [G]``, ``k_blocks [G, M]`` and the
-    keep mask ``[B|1, G|1, H|1, bq, M * bk]`` over the gathered positions (None when every tile is FULL)."""
+    """Query blocks of ``block_q`` rows that read the same number ``M`` of key blocks: ``q_blocks [G]`` (in units
+    of ``block_q``), ``k_blocks [G, M]`` and the keep mask ``[B|1, G|1, H|1, block_q, M * bk]`` over the read
+    positions (None when every tile is FULL)."""
 
+    block_q: int
     q_blocks: torch.Tensor
     k_blocks: torch.Tensor
     keep: torch.Tensor | None
@@ -112,7 +114,8 @@ class QueryBlock:
 @dataclass
 class BlockPlan:
     """Which tiles to compute for one (spec, Tq, Tk, tiles, device); reusable across calls and heads.
-    ``empty_q_blocks`` are query blocks without any kept pair (their output is zero)."""
+    ``empty_q_blocks`` are query blocks without any kept pair (never computed). Groups of wide query blocks
+    (global tokens' rows) may use tiles of ``block_q // REFINE`` rows."""
 
     q_len: int
     kv_len: int
@@ -124,7 +127,7 @@ class BlockPlan:
 
     def computed_pairs(self) -> int:
         """Query-key pairs the kernel computes per batch row and head (kept pairs rounded up to tiles)."""
-        return sum(g.k_blocks.numel() for g in self.groups) * self.block_q * self.block_k
+        return sum(g.k_blocks.numel() * g.block_q for g in self.groups) * self.block_k
 
 
 def _group_keep(spec, mask_mod, q_len, kv_len, q_blocks, k_blocks, full, block_q, block_k):
@@ -192,20 +195,27 @@ def _query_blocks(q_blocks, segmented, q_len, kv_len, block_q, block_k, group, d
     return steps
 
 
-def plan_blocks(spec: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: int, *, device=None) -> BlockPlan:
-    """Group query blocks by the key blocks they need (union over batch rows and heads), with their masks."""
+def _needed_tiles(spec, q_len, kv_len, block_q, block_k, device):
+    """``(need, full)`` ``[nQ, nK]``: tiles with a kept pair for some batch row / head, and tiles fully kept for
+    all of them."""
     layout = spec.block_layout(q_len, kv_len, block_q, block_k, device=device)  # [B|1, H|1, nQ, nK]
-    need = (layout != EMPTY).flatten(0, 1).any(0)  # (nQ, nK)
-    all_full = (layout == FULL).flatten(0, 1).all(0)
+    need = (layout != EMPTY).flatten(0, 1).any(0)
+    full = (layout == FULL).flatten(0, 1).all(0)
     if kv_len % block_k:
-        all_full[:, -1] = False  # the cut-short last key block needs a mask for its missing keys
+        full[:, -1] = False  # the cut-short last key block needs a mask for its missing keys
+    return need, full
+
+
+def _groups(spec, q_len, kv_len, block_q, block_k, need, all_full, q_rows, first_group: int):
+    """Groups (and loop steps) for the query blocks ``q_rows`` of a ``need`` / ``all_full`` tile grid: one group
+    per number of key blocks read."""
     counts = need.sum(-1)
     # needed key blocks first, in ascending order (a stable sort of "not needed")
     order = torch.argsort((~need).to(torch.int8), dim=-1, stable=True)
     mask_mod = spec.mask_mod(q_len, kv_len)
     groups, blocks = [], []
-    for width in torch.unique(counts[counts > 0]).tolist():
-        rows = torch.nonzero(counts == width).flatten()
+    for width in torch.unique(counts[q_rows]).tolist():
+        rows = q_rows[counts[q_rows] == width]
         segmented = [_segment_order(r, block_k) for r in order[rows, :width].tolist()]
         kb = torch.tensor([[blk for seg in segs for blk in seg] for segs in segmented], device=need.device)
         full = all_full[rows[:, None], kb]
@@ -215,9 +225,36 @@ def plan_blocks(spec: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: 
         rows_kept = keep is None or bool(keep.any(-1).all())
         if keep is not None and bool((keep == keep[:, :1]).all()):
             keep = keep[:, :1]  # translation-invariant patterns (windows) share one tile mask across the group
-        groups.append(BlockGroup(rows, kb, keep, rows_kept))
-        blocks += _query_blocks(rows.tolist(), segmented, q_len, kv_len, block_q, block_k, len(groups) - 1,
-                                need.device)
+        groups.append(BlockGroup(block_q, rows, kb, keep, rows_kept))
+        blocks += _query_blocks(rows.tolist(), segmented, q_len, kv_len, block_q, block_k,
+                                first_group + len(groups) - 1, need.device)
+    return groups, blocks
+
+
+#: query blocks reading more than WIDE x the median number of key blocks (the rows of global tokens) are
+#: planned again with tiles of block_q // REFINE rows, when that computes at most half as many pairs for them
+WIDE, REFINE = 4, 4
+
+
+def plan_blocks(spec: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: int, *, device=None) -> BlockPlan:
+    """Group query blocks by the key blocks they need (union over batch rows and heads), with their masks."""
+    need, all_full = _needed_tiles(spec, q_len, kv_len, block_q, block_k, device)
+    counts = need.sum(-1)
+    wide = counts > WIDE * counts[counts > 0].float().median() if bool((counts > 0).any()) else counts > 0
+    fine_q = block_q // REFINE
+    refine = torch.zeros_like(wide)
+    if bool(wide.any()) and fine_q > 0 and block_q % REFINE == 0:
+        fine_need, fine_full = _needed_tiles(spec, q_len, kv_len, fine_q, block_k, device)
+        fine_counts = F.pad(fine_need.sum(-1), (0, REFINE * len(counts) - len(fine_need))).view(-1, REFINE)
+        refine = wide & (2 * fine_counts.sum(1) <= REFINE * counts)  # pairs computed with fine tiles, halved
+    groups, blocks = _groups(spec, q_len, kv_len, block_q, block_k, need, all_full,
+                             torch.nonzero((counts > 0) & ~refine).flatten(), 0)
+    if bool(refine.any()):
+        fine_rows = torch.nonzero(refine.repeat_interleave(REFINE)[:len(fine_need)]).flatten()
+        fine_rows = fine_rows[fine_need[fine_rows].any(-1)]
+        more, more_blocks = _groups(spec, q_len, kv_len, fine_q, block_k, fine_need, fine_full, fine_rows,
+                                    len(groups))
+        groups, blocks = groups + more, blocks + more_blocks
     empty = torch.nonzero(counts == 0).flatten()
     return BlockPlan(q_len, kv_len, block_q, block_k, groups, empty, sorted(blocks, key=lambda blk: blk.start))
 
@@ -245,35 +282,33 @@ class _Scratch:
     arithmetic on it (cold cache lines, page faults), and block tiles stay in the caches when reused."""
 
     def __init__(self, dtype: torch.dtype, device):
-        self.dtype, self.device, self.buffers = dtype, device, {}
+        self.dtype, self.device, self.buffers, self.views = dtype, device, {}, {}
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
-        return buf[:n].view(shape)
+        view = self.views.get((name, shape))
+        if view is None:
+            n, buf = math.prod(shape), self.buffers.get(name)
+            if buf is None or buf.numel() < n:
+                buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+                self.views = {key: old for key, old in self.views.items() if key[0] != name}
+            view = self.views[(name, shape)] = buf[:n].view(shape)
+        return view
 
 
 # The loop runs one batch row at a time on [T, H, X] slices of the inputs: a key range is then a view
-# (Hkv, width, X) whose rows are Hkv * X apart, which matmul reads as it is (no copy of k or v by head).
-def _rows_by_head(x: torch.Tensor, blk: QueryBlock, hkv: int, out: torch.Tensor, scale: float | None = None):
-    """Rows of ``blk`` from ``x [T, Hq, X]`` copied (times ``scale``) into ``out (Hkv, rows * G, X)``: the G query
-    heads that share a key / value head are extra rows of one matmul (GQA)."""
-    rows = x[blk.start:blk.start + blk.rows].unflatten(1, (hkv, -1)).transpose(0, 1)  # (Hkv, rows, G, X)
-    dest = out.view(rows.shape)
-    if scale is None:
-        dest.copy_(rows)
-    else:
-        torch.mul(rows, scale, out=dest)
-    return out
+# (Hkv, width, X) whose rows are Hkv * X apart, which matmul reads as it is (no copy of k or v by head). Query
+# rows are (t, g) ordered: the G query heads sharing a key / value head are extra rows of one matmul (GQA).
+def _head_rows(x: torch.Tensor, blk: QueryBlock, hkv: int) -> torch.Tensor:
+    """Rows of ``blk`` from ``x [T, Hq, X]`` as a view ``(Hkv, rows, G, X)``."""
+    return x[blk.start:blk.start + blk.rows].unflatten(1, (hkv, -1)).transpose(0, 1)
 
 
-def _put_rows(dest: torch.Tensor, blk: QueryBlock, src: torch.Tensor) -> None:
-    """Write ``src (Hkv, rows * G, X)`` (the layout of ``_rows_by_head``) into the rows of ``blk`` of
-    ``dest [T, Hq, X]``."""
-    view = dest[blk.start:blk.start + blk.rows].unflatten(1, (src.shape[0], -1))  # (rows, Hkv, G, X)
-    view.copy_(src.view(src.shape[0], blk.rows, -1, src.shape[-1]).transpose(0, 1))
+def _matrix(x: torch.Tensor, blk: QueryBlock, hkv: int, scratch: "_Scratch", name: str) -> torch.Tensor:
+    """Rows of ``blk`` from ``x [T, Hq, X]`` as ``(Hkv, rows * G, X)``: a view without GQA, else a copy."""
+    if hkv == x.shape[1]:
+        return x[blk.start:blk.start + blk.rows].transpose(0, 1)
+    rows = _head_rows(x, blk, hkv)
+    return scratch(name, *rows.shape).copy_(rows).flatten(1, 2)
 
 
 def _keys(x: torch.Tensor, seg: KeySegment, scratch: _Scratch, name: str) -> torch.Tensor:
@@ -293,26 +328,33 @@ def _add_keys(dest: torch.Tensor, seg: KeySegment, src: torch.Tensor) -> None:
         dest.index_add_(0, seg.keys, src.transpose(0, 1))  # repeated padding keys add exact zeros (weights 0)
 
 
-def _per_row(t: torch.Tensor, blk: QueryBlock, batch: int, hkv: int, cols: slice) -> torch.Tensor:
-    """A group tensor ``[B|1, G|1, H|1, bq, X]`` for ``blk`` of batch row ``batch`` (columns ``cols``), shaped to
-    broadcast against a block's ``(Hkv, rows, G, X)`` view."""
-    t = t[batch if t.shape[0] > 1 else 0, blk.index if t.shape[1] > 1 else 0, :, :blk.rows, cols]  # (H|1, rows, X)
-    return t.unsqueeze(2) if t.shape[0] == 1 else t.unflatten(0, (hkv, -1)).transpose(1, 2)
+def _per_row(grp: BlockGroup, kind: str, dtype, blk: QueryBlock, batch: int, hkv: int, cols: slice):
+    """A group mask (``kind``: see ``BlockGroup``) for ``blk`` of batch row ``batch`` (columns ``cols``), shaped
+    to broadcast against a block's ``(Hkv, rows, G, X)`` view; the views are cached on the group."""
+    t = getattr(grp, kind)(dtype)  # [B|1, G|1, H|1, bq, X]
+    key = (kind, dtype, batch if t.shape[0] > 1 else 0, blk.index if t.shape[1] > 1 else 0, blk.rows, hkv,
+           cols.start, cols.stop)
+    view = grp._masks.get(key)
+    if view is None:
+        view = t[key[2], key[3], :, :blk.rows, cols]  # (H|1, rows, X)
+        view = grp._masks[key] = view.unsqueeze(2) if view.shape[0] == 1 else view.unflatten(0, (hkv, -1)).transpose(1, 2)
+    return view
 
 
-def _weights(qs, k, grp: BlockGroup, blk: QueryBlock, batch: int, shift, scratch: _Scratch):
-    """Per key segment of ``blk``: ``(E, keys)`` with ``E = exp(qs keys^T - shift)`` times the tile mask,
+def _weights(qv, k, grp: BlockGroup, blk: QueryBlock, batch: int, scale: float, shift, scratch: _Scratch):
+    """Per key segment of ``blk``: ``(E, keys)`` with ``E = exp(scale * qv keys^T - shift)`` times the tile mask,
     ``(Hkv, rows * G, width)``. ``shift`` is the row maximum over kept keys, ``None`` to compute it (returned
     second), or ``False`` for no shift."""
     hkv = k.shape[1]
     out = []
     for j, seg in enumerate(blk.segments):
         kk = _keys(k, seg, scratch, f"k{j}")
-        out.append((torch.bmm(qs, kk.transpose(1, 2), out=scratch(f"s{j}", hkv, qs.shape[1], seg.width)), kk))
+        s = scratch(f"s{j}", hkv, qv.shape[1], seg.width)
+        out.append((torch.baddbmm(s, qv, kk.transpose(1, 2), beta=0, alpha=scale, out=s), kk))
     cols = [slice(seg.offset, seg.offset + seg.width) for seg in blk.segments]
     if shift is None:
         maxima = [s.amax(-1, keepdim=True) if grp.keep is None else
-                  (s.view(hkv, blk.rows, -1, s.shape[-1]) + _per_row(grp.additive_mask(s.dtype), blk, batch, hkv, c))
+                  (s.view(hkv, blk.rows, -1, s.shape[-1]) + _per_row(grp, "additive_mask", s.dtype, blk, batch, hkv, c))
                   .view_as(s).amax(-1, keepdim=True) for (s, _), c in zip(out, cols)]
         shift = torch.stack(maxima).amax(0)
     for (s, _), c in zip(out, cols):
@@ -322,7 +364,7 @@ def _weights(qs, k, grp: BlockGroup, blk: QueryBlock, batch: int, shift, scratch
             s.sub_(shift).clamp_(min=-EXP_SAFE, max=0.0)
         s.exp_()
         if grp.keep is not None:
-            s.view(hkv, blk.rows, -1, s.shape[-1]).mul_(_per_row(grp.weight_mask(s.dtype), blk, batch, hkv, c))
+            s.view(hkv, blk.rows, -1, s.shape[-1]).mul_(_per_row(grp, "weight_mask", s.dtype, blk, batch, hkv, c))
     return out, shift
 
 
@@ -330,7 +372,7 @@ def _zero_row_outputs(x: torch.Tensor, grp: BlockGroup, blk: QueryBlock, batch: 
     """Zero the rows of ``x (Hkv, rows * G, X)`` that keep no key (they attended freely)."""
     if not grp.rows_kept:
         view = x.view(x.shape[0], blk.rows, -1, x.shape[-1])
-        view.mul_(_per_row(grp.row_kept(x.dtype), blk, batch, x.shape[0], slice(None)))
+        view.mul_(_per_row(grp, "row_kept", x.dtype, blk, batch, x.shape[0], slice(None)))
 
 
 def _shift_needed(q, k, plan: BlockPlan, scale: float) -> list[bool]:
@@ -339,41 +381,38 @@ def _shift_needed(q, k, plan: BlockPlan, scale: float) -> list[bool]:
     acc = accumulation_dtype(q.dtype)
     qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax(dim=(0, 2)) * abs(scale)  # (Tq,)
     kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax(dim=(0, 2))  # (Tk,)
-    nq, nk = -(-plan.q_len // plan.block_q), -(-plan.kv_len // plan.block_k)
-    q_max = F.pad(qn, (0, nq * plan.block_q - plan.q_len)).view(nq, plan.block_q).amax(1)
+    nk = -(-plan.kv_len // plan.block_k)
     k_max = F.pad(kn, (0, nk * plan.block_k - plan.kv_len)).view(nk, plan.block_k).amax(1)
-    safe = [(q_max[g.q_blocks] * k_max[g.k_blocks].amax(1) <= EXP_SAFE).tolist() for g in plan.groups]
+    safe = []
+    for grp in plan.groups:
+        nq = -(-plan.q_len // grp.block_q)
+        q_max = F.pad(qn, (0, nq * grp.block_q - plan.q_len)).view(nq, grp.block_q).amax(1)
+        safe.append((q_max[grp.q_blocks] * k_max[grp.k_blocks].amax(1) <= EXP_SAFE).tolist())
     return [not safe[blk.group][blk.index] for blk in plan.blocks]
-
-
-def _zero_empty_blocks(x: torch.Tensor, plan: BlockPlan) -> None:
-    for qb in plan.empty_q_blocks.tolist():
-        x[:, qb * plan.block_q:(qb + 1) * plan.block_q] = 0
 
 
 class _BlockSparseSoftmax(torch.autograd.Function):
     """Forward: per query block ``E = exp(s - m)``, ``l = rowsum(E)``, ``o = E v / l`` (saved: q, k, v, o, m, l).
     Backward recomputes ``E`` per block; with ``do' = do / l`` and ``delta = rowsum(do' * o)``:
-    ``dv = E^T do'``, ``ds = E * (do' v^T - delta)``, ``dq = scale * ds k``, ``dk = ds^T (scale * q)``."""
+    ``dv = E^T do'``, ``ds = E * (do' v^T - delta)``, ``dq = scale * ds k``, ``dk = scale * ds^T q``."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockPlan, scale: float):
-        b, tq, hq, d = q.shape
+        b, tq, hq, _ = q.shape
         hkv, dv = k.shape[2], v.shape[3]
         g = hq // hkv
         acc = accumulation_dtype(q.dtype)
         shifted = _shift_needed(q, k, plan, scale)
-        out = q.new_empty(b, tq, hq, dv)
-        _zero_empty_blocks(out, plan)
+        out = q.new_zeros(b, tq, hq, dv)  # rows without any kept key stay zero
         shift = torch.zeros(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row shift m, (t, g) row order
         norm = torch.ones(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row sum l
         scratch = _Scratch(acc, q.device)
         for i in range(b):
-            ki, vi = k[i].to(acc), v[i].to(acc)
+            qi, ki, vi = q[i].to(acc), k[i].to(acc), v[i].to(acc)
             for blk, exact in zip(plan.blocks, shifted):
                 grp, rows, n = plan.groups[blk.group], slice(blk.start * g, (blk.start + blk.rows) * g), blk.rows * g
-                qs = _rows_by_head(q[i], blk, hkv, scratch("q", hkv, n, d), scale)
-                weights, m = _weights(qs, ki, grp, blk, i, None if exact else False, scratch)
+                weights, m = _weights(_matrix(qi, blk, hkv, scratch, "q"), ki, grp, blk, i, scale,
+                                      None if exact else False, scratch)
                 if exact:
                     shift[i, :, rows] = m
                 o, l = scratch("o", hkv, n, dv), norm[i, :, rows]
@@ -385,9 +424,9 @@ class _BlockSparseSoftmax(torch.autograd.Function):
                     else:
                         l += e.sum(-1, keepdim=True)
                         o.baddbmm_(e, vv)
-                o.div_(l)
                 _zero_row_outputs(o, grp, blk, i)
-                _put_rows(out[i], blk, o)
+                dest = _head_rows(out[i], blk, hkv)
+                torch.div(o.view(dest.shape), l.view(hkv, blk.rows, g, 1), out=dest)
         ctx.save_for_backward(q, k, v, out, shift, norm)
         ctx.plan, ctx.scale, ctx.shifted = plan, scale, shifted
         return out
@@ -401,19 +440,20 @@ class _BlockSparseSoftmax(torch.autograd.Function):
         hkv, dv = k.shape[2], v.shape[3]
         g = hq // hkv
         acc = accumulation_dtype(q.dtype)
-        dq = torch.empty_like(q)
-        _zero_empty_blocks(dq, plan)
+        dq = torch.zeros_like(q)
         dk, dvv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
         scratch = _Scratch(acc, q.device)
         for i in range(b):
-            ki, vi = k[i].to(acc), v[i].to(acc)
+            qi, ki, vi, oi, doi = q[i].to(acc), k[i].to(acc), v[i].to(acc), out[i].to(acc), grad_out[i].to(acc)
             for blk, exact in zip(plan.blocks, ctx.shifted):
                 grp, rows, n = plan.groups[blk.group], slice(blk.start * g, (blk.start + blk.rows) * g), blk.rows * g
-                qs = _rows_by_head(q[i], blk, hkv, scratch("q", hkv, n, d), scale)
-                weights, _ = _weights(qs, ki, grp, blk, i, shift[i, :, rows] if exact else False, scratch)
-                do = _rows_by_head(grad_out[i], blk, hkv, scratch("do", hkv, n, dv)).div_(norm[i, :, rows])
-                _zero_row_outputs(do, grp, blk, i)  # do' = do / l, zero where no key is kept
-                delta = (do * _rows_by_head(out[i], blk, hkv, scratch("o", hkv, n, dv))).sum(-1, keepdim=True)
+                qv = _matrix(qi, blk, hkv, scratch, "q")
+                weights, _ = _weights(qv, ki, grp, blk, i, scale, shift[i, :, rows] if exact else False, scratch)
+                do = scratch("do", hkv, blk.rows, g, dv)
+                torch.div(_head_rows(doi, blk, hkv), norm[i, :, rows].view(hkv, blk.rows, g, 1), out=do)
+                do = do.view(hkv, n, dv)  # do' = do / l
+                _zero_row_outputs(do, grp, blk, i)
+                delta = (do.view(hkv, blk.rows, g, dv) * _head_rows(oi, blk, hkv)).sum(-1).view(hkv, n, 1)
                 dqs = scratch("dq", hkv, n, d)
                 for j, ((e, kk), seg) in enumerate(zip(weights, blk.segments)):
                     vv = _keys(vi, seg, scratch, f"v{j}")
@@ -424,8 +464,10 @@ class _BlockSparseSoftmax(torch.autograd.Function):
                         torch.bmm(ds, kk, out=dqs)
                     else:
                         dqs.baddbmm_(ds, kk)
-                    _add_keys(dk[i], seg, torch.bmm(ds.transpose(1, 2), qs, out=scratch("dkv", hkv, seg.width, d)))
-                _put_rows(dq[i], blk, dqs.mul_(scale))
+                    dks = scratch("dkv", hkv, seg.width, d)
+                    _add_keys(dk[i], seg, torch.baddbmm(dks, ds.transpose(1, 2), qv, beta=0, alpha=scale, out=dks))
+                dest = _head_rows(dq[i], blk, hkv)
+                torch.mul(dqs.view(dest.shape), scale, out=dest)
         return dq, dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 
