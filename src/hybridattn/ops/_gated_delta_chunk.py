@@ -31,30 +31,7 @@ from __future__ import annotations
 
 import torch
 
-#: log-decays below this give exactly zero decay factors (``exp(-60)`` ~ 1e-26), see :func:`exp_flushed`
-FLUSH_LOG_DECAY = -60.0
-
-
-def exp_flushed(x: torch.Tensor) -> torch.Tensor:
-    """``exp(x)``, with exact zeros where ``x < FLUSH_LOG_DECAY``. Why: a strongly decaying head (Qwen3-Next's gates
-    reach ``g ~ -10`` per token) multiplies ever smaller factors into the state and the chunk matrices until they
-    are denormal, and CPU arithmetic on denormals runs 10-100x slower (``exp`` itself too). The terms dropped are
-    below 1e-26 of the O(1) ones, beneath float64 resolution."""
-    return torch.where(x > FLUSH_LOG_DECAY, x.clamp(min=FLUSH_LOG_DECAY).exp(), 0.0)
-
-
-def _token_major(x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H, D]`` -> ``[T, B*H, D]``: a view when B == 1, one copy otherwise. A chunk of it, transposed, is
-    the ``[B*H, C, D]`` batch of matrices every per-chunk product takes."""
-    b, t, h, d = x.shape
-    return x[0] if b == 1 else x.transpose(0, 1).reshape(t, b * h, d)
-
-
-def _batch_major(x: torch.Tensor, b: int) -> torch.Tensor:
-    """Inverse of :func:`_token_major`: ``[T, B*H, D]`` -> ``[B, T, H, D]`` (a view; non-contiguous when B > 1)."""
-    t, bh, d = x.shape
-    return x.reshape(t, b, bh // b, d).transpose(0, 1)
-
+from hybridattn.ops._chunking import ChunkLayout, batch_major, exp_flushed, token_major
 
 def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
     """``(I + strict_lower(a))^-1 rhs`` (or ``(I + strict_lower(a))^-T rhs`` with ``transpose``) for ``[N, C, C]``
@@ -67,68 +44,19 @@ def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, *, transpose: bool = Fa
     return torch.linalg.solve_triangular(m, rhs.mT, upper=not transpose, left=False, unitriangular=True).mT
 
 
-class _Chunks:
-    """The per-chunk operands of a call, recomputed on demand by the forward and the backward pass."""
-
-    def __init__(self, q, k, v, g, beta, chunk_size):
-        b, t, hk, _ = k.shape
-        self.b, self.t, self.c, self.hv = b, t, chunk_size, v.shape[2]
-        self.grp, self.bh = self.hv // hk, b * self.hv
-        self.n = -(-t // chunk_size)
-        self.qf, self.kf, self.vf = _token_major(q), _token_major(k), _token_major(v)
-        self.beta = self.gate_chunks(beta)
-        self.gated = g is not None
-        if self.gated:
-            gam = self.gate_chunks(g).cumsum(-2)  # chunk-local, so every exponent below is bounded for any T
-            self.gam, self.gexp = gam, exp_flushed(gam)
-        self.mask = torch.ones(chunk_size, chunk_size, dtype=q.dtype, device=q.device).tril()
-
-    def gate_chunks(self, x):
-        """``[B, T, Hv]`` -> ``[N, B*Hv, C, 1]``, zero-padded at the end."""
-        x = torch.nn.functional.pad(x, (0, 0, 0, self.n * self.c - self.t))
-        return x.reshape(self.b, self.n, self.c, self.hv).permute(1, 0, 3, 2).reshape(self.n, self.bh, self.c, 1)
-
-    def gate_tokens(self, x):
-        """Inverse of :meth:`gate_chunks`: ``[N, B*Hv, C, 1]`` -> ``[B, T, Hv]``."""
-        x = x.reshape(self.n, self.b, self.hv, self.c).permute(1, 0, 3, 2).reshape(self.b, self.n * self.c, self.hv)
-        return x[:, : self.t]
-
-    def bounds(self, i):
-        return i * self.c, min(self.t, (i + 1) * self.c)
-
-    def __call__(self, i):
-        """Chunk ``i``: ``(qc, kc, vc, beta, G, e, L)``. qc, kc ``[BH, cc, Dk]`` contiguous and expanded to the value
-        heads; vc ``[BH, cc, Dv]`` a view; beta, G, e ``[BH, cc, 1]`` (G, e None without a gate); L ``[BH|1, cc, cc]``.
-        """
-        lo, hi = self.bounds(i)
-        cc = hi - lo
-        # Contiguous copies: the products read q and k three times each, and from the strided view MKL's batched
-        # gemm runs ~1.5x slower than the copy costs.
-        qc, kc = (x[lo:hi].transpose(0, 1) for x in (self.qf, self.kf))
-        qc, kc = (x.repeat_interleave(self.grp, 0) if self.grp > 1 else x.contiguous() for x in (qc, kc))
-        vc = self.vf[lo:hi].transpose(0, 1)
-        beta, mask = self.beta[i, :, :cc], self.mask[:cc, :cc]
-        if not self.gated:
-            return qc, kc, vc, beta, None, None, mask
-        gm = self.gam[i, :, :cc]
-        # exp_flushed in place; tril first: the upper triangle would overflow for positive differences
-        diff = (gm - gm.mT).tril_()
-        keep = diff > FLUSH_LOG_DECAY
-        decay = diff.clamp_(min=FLUSH_LOG_DECAY).exp_().mul_(mask).mul_(keep)
-        return qc, kc, vc, beta, self.gexp[i, :, :cc], exp_flushed(gm[:, -1:] - gm), decay
-
-
 def chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, *, states=None):
     """The chunk form without autograd (in-place updates). q, k ``[B, T, Hk, Dk]``; v ``[B, T, Hv, Dv]``; g (or
     None), beta ``[B, T, Hv]``; h0 ``[B, Hv, Dk, Dv]`` or None. Writes the state at each chunk start into
     ``states [N, BH, Dk, Dv]`` when given. Returns ``(o [B, T, Hv, Dv], final_state [B, Hv, Dk, Dv])``."""
-    ch = _Chunks(q, k, v, g, beta, chunk_size)
+    ch = ChunkLayout(q, k, v, g, chunk_size)
+    betas = ch.gate_chunks(beta)
     dk, dv = k.shape[3], v.shape[3]
     s = q.new_zeros(ch.bh, dk, dv) if h0 is None else h0.reshape(ch.bh, dk, dv).clone()
     out = q.new_empty(ch.t, ch.bh, dv)
     for i in range(ch.n):
         lo, hi = ch.bounds(i)
-        qc, kc, vc, bt, gexp, kdec, decay = ch(i)
+        qc, kc, vc, gexp, kdec, decay = ch(i)
+        bt = betas[i, :, : hi - lo]
         if states is not None:
             states[i].copy_(s)
         a = torch.bmm(kc, kc.mT).mul_(decay).mul_(bt)
@@ -142,19 +70,20 @@ def chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, *, states=None):
             s.mul_(gexp[:, -1:])
             kc = kc * kdec
         s.baddbmm_(kc.mT, new)
-    return _batch_major(out, ch.b), s.reshape(ch.b, ch.hv, dk, dv)
+    return batch_major(out, ch.b), s.reshape(ch.b, ch.hv, dk, dv)
 
 
 def chunk_backward(q, k, v, g, beta, states, scale, chunk_size, do, ds):
     """Gradients of :func:`chunk_forward` given ``do [B, T, Hv, Dv]`` and ``ds [B, Hv, Dk, Dv]`` (the final
     state's gradient); ``states`` as written by the forward. Returns ``(dq, dk, dv, dg or None, dbeta, dh0)``."""
-    ch = _Chunks(q, k, v, g, beta, chunk_size)
+    ch = ChunkLayout(q, k, v, g, chunk_size)
+    betas = ch.gate_chunks(beta)
     hk, dk_, dv_ = k.shape[2], k.shape[3], v.shape[3]
-    do_f = _token_major(do)
+    do_f = token_major(do)
     dq_f, dk_f = (q.new_empty(ch.t, ch.b * hk, dk_) for _ in range(2))
     dv_f = q.new_empty(ch.t, ch.bh, dv_)
-    dbeta = torch.zeros_like(ch.beta)
-    dgam = torch.zeros_like(ch.beta) if ch.gated else None
+    dbeta = torch.zeros_like(betas)
+    dgam = torch.zeros_like(betas) if ch.gated else None
     ds = ds.reshape(ch.bh, dk_, dv_).clone()
 
     def to_key_heads(x):  # GVA: sum the value heads that read one key head
@@ -162,7 +91,8 @@ def chunk_backward(q, k, v, g, beta, states, scale, chunk_size, do, ds):
 
     for i in reversed(range(ch.n)):
         lo, hi = ch.bounds(i)
-        qc, kc, vc, bt, gexp, kdec, decay = ch(i)
+        qc, kc, vc, gexp, kdec, decay = ch(i)
+        bt = betas[i, :, : hi - lo]
         s, doc = states[i], do_f[lo:hi].transpose(0, 1)
         # Recompute the forward's chunk quantities.
         kk, qk = torch.bmm(kc, kc.mT), torch.bmm(qc, kc.mT)
@@ -208,7 +138,7 @@ def chunk_backward(q, k, v, g, beta, states, scale, chunk_size, do, ds):
     if ch.gated:  # gamma is a chunk-local cumulative sum of g: d g_t = sum_{s >= t in its chunk} d gamma_s
         dg = ch.gate_tokens(dgam.flip(-2).cumsum(-2).flip(-2))
     b = ch.b
-    return (_batch_major(dq_f, b), _batch_major(dk_f, b), _batch_major(dv_f, b), dg, ch.gate_tokens(dbeta),
+    return (batch_major(dq_f, b), batch_major(dk_f, b), batch_major(dv_f, b), dg, ch.gate_tokens(dbeta),
             ds.reshape(b, ch.hv, dk_, dv_))
 
 

@@ -34,6 +34,7 @@ from hybridattn.ops._checks import (
     check_shape,
     check_tensor,
 )
+from hybridattn.ops._gated_linear_chunk import chunk_scalar_decay
 
 MODES = ("chunk", "parallel", "recurrent")
 
@@ -222,12 +223,19 @@ def run(q, k, v, g, *, scale, initial_state, output_final_state, mode, chunk_siz
         index, valid = _padding_index(cu_seqlens, q.device)
         q, k, v = (_pad_packed(x, index, valid) for x in (q, k, v))
         g = _pad_packed(g, index, valid) if g is not None else None
-    q, k, v = (x.transpose(1, 2).to(ct) for x in (q, k, v))  # [B, H, T, D]
-    g = g.transpose(1, 2).to(ct) if g is not None else None
     # -inf gates (a hard reset) would give -inf - -inf = NaN in cumulative differences; exp(-1000) is already 0
-    g = g.clamp(min=-1000.0) if g is not None else None
+    g = g.to(ct).clamp(min=-1000.0) if g is not None else None
     h0 = initial_state.to(ct) if initial_state is not None else None
     attention = None
+    if mode == "chunk" and (g is None or g.shape[-1] == 1) and q.shape[1] > 0:
+        # scalar or no decay: the streaming form, token-major [B, T, H, D] in and out
+        o, s = chunk_scalar_decay(q.to(ct), k.to(ct), v.to(ct), None if g is None else g[..., 0], h0, scale,
+                                  min(chunk_size, q.shape[1]))
+        if cu_seqlens is not None:
+            o = o[valid].unsqueeze(0)
+        return (o, s if output_final_state else None, None)[: 3 if return_attention else 2]
+    q, k, v = (x.transpose(1, 2).to(ct) for x in (q, k, v))  # [B, H, T, D]
+    g = g.transpose(1, 2) if g is not None else None
     if mode == "recurrent":
         o, s = recurrent_form(q, k, v, g, scale, h0)
     elif mode == "chunk":

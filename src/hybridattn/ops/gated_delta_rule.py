@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from hybridattn.ops._gated_delta_chunk import attention_matrix, chunk_gated_delta_rule, exp_flushed
+from hybridattn.ops._chunking import exp_flushed
+from hybridattn.ops._gated_delta_chunk import attention_matrix, chunk_gated_delta_rule
 from hybridattn.ops._checks import (
     check_bthd,
     check_choice,

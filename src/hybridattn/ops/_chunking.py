@@ -1,0 +1,93 @@
+"""Helpers shared by the streaming chunk forms (``_gated_delta_chunk``, ``_gated_linear_chunk``): the token-major
+layout their per-chunk products read, the per-chunk operands, and decay factors that never turn denormal.
+
+Shape legend: B batch, T tokens, H heads (Hk query/key, Hv value), D head dim, C chunk size, N chunks,
+BH = B * Hv.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: log-decays below this give exactly zero decay factors (``exp(-60)`` ~ 1e-26), see :func:`exp_flushed`
+FLUSH_LOG_DECAY = -60.0
+
+
+def exp_flushed(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)``, with exact zeros where ``x < FLUSH_LOG_DECAY``. Why: a strongly decaying head (Qwen3-Next's gates
+    reach ``g ~ -10`` per token) multiplies ever smaller factors into the state and the chunk matrices until they
+    are denormal, and CPU arithmetic on denormals runs 10-100x slower (``exp`` itself too). The terms dropped are
+    below 1e-26 of the O(1) ones, beneath float64 resolution."""
+    return torch.where(x > FLUSH_LOG_DECAY, x.clamp(min=FLUSH_LOG_DECAY).exp(), 0.0)
+
+
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[T, B*H, D]``: a view when B == 1, one copy otherwise. A chunk of it, transposed, is
+    the ``[B*H, C, D]`` batch of matrices every per-chunk product takes."""
+    b, t, h, d = x.shape
+    return x[0] if b == 1 else x.transpose(0, 1).reshape(t, b * h, d)
+
+
+def batch_major(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of :func:`token_major`: ``[T, B*H, D]`` -> ``[B, T, H, D]`` (a view; non-contiguous when B > 1)."""
+    t, bh, d = x.shape
+    return x.reshape(t, b, bh // b, d).transpose(0, 1)
+
+
+def decay_matrix(gam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``L [..., C, C]`` with ``L[i, j] = exp(gam_i - gam_j)`` for ``j <= i`` and 0 above the diagonal, flushed as
+    :func:`exp_flushed`, from chunk-local cumulative log-decays ``gam [..., C, 1]`` and the float lower-triangular
+    ``mask [C, C]``. Not differentiable (in-place steps): for the streaming forms and their hand-written backward."""
+    diff = (gam - gam.mT).tril_()  # tril first: the upper triangle would overflow for positive differences
+    keep = diff > FLUSH_LOG_DECAY
+    return diff.clamp_(min=FLUSH_LOG_DECAY).exp_().mul_(mask).mul_(keep)
+
+
+class ChunkLayout:
+    """The per-chunk operands of one call of a streaming chunk form, recomputed on demand by its forward and its
+    backward pass. q, k ``[B, T, Hk, Dk]``; v ``[B, T, Hv, Dv]`` (``Hv % Hk == 0``); g ``[B, T, Hv]`` log-decays or
+    None."""
+
+    def __init__(self, q, k, v, g, chunk_size: int):
+        b, t, hk, _ = k.shape
+        self.b, self.t, self.c, self.hv = b, t, chunk_size, v.shape[2]
+        self.grp, self.bh = self.hv // hk, b * self.hv
+        self.n = -(-t // chunk_size)
+        self.qf, self.kf, self.vf = token_major(q), token_major(k), token_major(v)
+        self.gated = g is not None
+        if self.gated:
+            gam = self.gate_chunks(g).cumsum(-2)  # chunk-local, so every exponent is bounded for any T
+            self.gam, self.gexp = gam, exp_flushed(gam)
+        self.mask = torch.ones(chunk_size, chunk_size, dtype=q.dtype, device=q.device).tril()
+
+    def gate_chunks(self, x):
+        """``[B, T, Hv]`` -> ``[N, BH, C, 1]``, zero-padded at the end (g = 0 there: gamma_C stays the last real
+        token's)."""
+        x = torch.nn.functional.pad(x, (0, 0, 0, self.n * self.c - self.t))
+        return x.reshape(self.b, self.n, self.c, self.hv).permute(1, 0, 3, 2).reshape(self.n, self.bh, self.c, 1)
+
+    def gate_tokens(self, x):
+        """Inverse of :meth:`gate_chunks`: ``[N, BH, C, 1]`` -> ``[B, T, Hv]``."""
+        x = x.reshape(self.n, self.b, self.hv, self.c).permute(1, 0, 3, 2).reshape(self.b, self.n * self.c, self.hv)
+        return x[:, : self.t]
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        return i * self.c, min(self.t, (i + 1) * self.c)
+
+    def __call__(self, i: int):
+        """Chunk ``i``: ``(qc, kc, vc, G, e, L)``. qc, kc ``[BH, cc, Dk]`` contiguous and expanded to the value
+        heads (for one head and one row they may be views of q and k: never update them in place); vc
+        ``[BH, cc, Dv]`` a view; ``G = exp(gamma)``, ``e = exp(gamma_C - gamma)`` ``[BH, cc, 1]`` (None without a
+        gate); ``L [BH|1, cc, cc]``."""
+        lo, hi = self.bounds(i)
+        cc = hi - lo
+        # Contiguous copies: the products read q and k several times each, and from the strided view MKL's
+        # batched gemm runs ~1.5x slower than the copy costs.
+        qc, kc = (x[lo:hi].transpose(0, 1) for x in (self.qf, self.kf))
+        qc, kc = (x.repeat_interleave(self.grp, 0) if self.grp > 1 else x.contiguous() for x in (qc, kc))
+        vc = self.vf[lo:hi].transpose(0, 1)
+        mask = self.mask[:cc, :cc]
+        if not self.gated:
+            return qc, kc, vc, None, None, mask
+        gm = self.gam[i, :, :cc]
+        return qc, kc, vc, self.gexp[i, :, :cc], exp_flushed(gm[:, -1:] - gm), decay_matrix(gm, mask)
