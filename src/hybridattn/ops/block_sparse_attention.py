@@ -528,9 +528,13 @@ class _KeepAll(MaskSpec):
 
 #: specs whose block layout has a closed form, so that judging their density costs O(nblocks^2), not O(T^2)
 _CLOSED_FORM = (Causal, Padding, Document, _DistanceSpec, Fixed, GlobalTokens, BlockSparse, _KeepAll)
-#: ``auto`` prefers this kernel with tiles of AUTO_BLOCK when at most AUTO_MAX_DENSITY of the tiles are kept and
-#: a query block reads at most AUTO_MAX_TILES key tiles on average (the gathered keys are that many times k)
+#: ``auto`` prefers this kernel when, judged on tiles of AUTO_BLOCK, at most AUTO_MAX_DENSITY of the tiles are
+#: kept and a query block reads at most AUTO_MAX_TILES key tiles on average (wider masks go to the tiled backend)
 AUTO_BLOCK, AUTO_MAX_DENSITY, AUTO_MAX_TILES = 128, 0.5, 16
+#: the tiles the backend runs with at T >= 4 * AUTO_BLOCK (32 x 32 below): 64 query rows keep a block's logits
+#: (8 heads x 64 x ~600 keys) in L2, and 32-key tiles follow a window's edges to 1.12x its kept pairs (1 CPU
+#: thread, T=16K: 64 x 32 measured as fast as 64 x 16 and faster than 128 x 32 or 64 x 64)
+AUTO_TILES = (64, 32)
 
 
 def _closed(spec) -> bool:
@@ -565,18 +569,18 @@ def _backend(q, k, v, *, mask, bias, scale, softcap):
     if bias is not None or softcap is not None:
         raise ValueError("backend: 'block_sparse' takes a mask only; use backend='tiled' with a bias or softcap")
     t = max(q.shape[1], k.shape[1])
-    block = AUTO_BLOCK if t >= 4 * AUTO_BLOCK else 32
+    block_q, block_k = AUTO_TILES if t >= 4 * AUTO_BLOCK else (32, 32)
     plan = None
     if mask is not None and _described_by_repr(mask):
-        key = (repr(mask), q.shape[1], k.shape[1], block, str(q.device))
+        key = (repr(mask), q.shape[1], k.shape[1], block_q, block_k, str(q.device))
         if key not in _PLANS_BY_REPR:
             if len(_PLANS_BY_REPR) >= 8:
                 _PLANS_BY_REPR.pop(next(iter(_PLANS_BY_REPR)))
-            _PLANS_BY_REPR[key] = plan_blocks(mask, q.shape[1], k.shape[1], block, block, device=q.device)
+            _PLANS_BY_REPR[key] = plan_blocks(mask, q.shape[1], k.shape[1], block_q, block_k, device=q.device)
         plan = _PLANS_BY_REPR[key]
     elif mask is not None:
-        plan = cached_plan(mask, q.shape[1], k.shape[1], block, block, device=q.device)
-    return block_sparse_attention(q, k, v, mask, scale=scale, block_q=block, block_k=block, plan=plan)
+        plan = cached_plan(mask, q.shape[1], k.shape[1], block_q, block_k, device=q.device)
+    return block_sparse_attention(q, k, v, mask, scale=scale, block_q=block_q, block_k=block_k, plan=plan)
 
 
 def _register_backend() -> None:
