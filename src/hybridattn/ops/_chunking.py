@@ -7,10 +7,14 @@ BH = B * Hv.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 #: log-decays below this give exactly zero decay factors (``exp(-60)`` ~ 1e-26), see :func:`exp_flushed`
 FLUSH_LOG_DECAY = -60.0
+_FLUSH_FACTOR = math.exp(FLUSH_LOG_DECAY)
 
 
 def exp_flushed(x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +22,8 @@ def exp_flushed(x: torch.Tensor) -> torch.Tensor:
     reach ``g ~ -10`` per token) multiplies ever smaller factors into the state and the chunk matrices until they
     are denormal, and CPU arithmetic on denormals runs 10-100x slower (``exp`` itself too). The terms dropped are
     below 1e-26 of the O(1) ones, beneath float64 resolution."""
-    return torch.where(x > FLUSH_LOG_DECAY, x.clamp(min=FLUSH_LOG_DECAY).exp(), 0.0)
+    # threshold, not where(x > ...): boolean masks are ~5x slower than one vectorised threshold on a CPU
+    return F.threshold(x.clamp(min=FLUSH_LOG_DECAY).exp(), _FLUSH_FACTOR, 0.0)
 
 
 def token_major(x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +44,7 @@ def decay_matrix(gam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     :func:`exp_flushed`, from chunk-local cumulative log-decays ``gam [..., C, 1]`` and the float lower-triangular
     ``mask [C, C]``. Not differentiable (in-place steps): for the streaming forms and their hand-written backward."""
     diff = (gam - gam.mT).tril_()  # tril first: the upper triangle would overflow for positive differences
-    keep = diff > FLUSH_LOG_DECAY
-    return diff.clamp_(min=FLUSH_LOG_DECAY).exp_().mul_(mask).mul_(keep)
+    return F.threshold_(diff.clamp_(min=FLUSH_LOG_DECAY).exp_(), _FLUSH_FACTOR, 0.0).mul_(mask)
 
 
 class ChunkLayout:
