@@ -189,7 +189,7 @@ def choose_backend(q, k, v=None, *, mask, bias, softcap) -> str:
         half_bias = bias is not None and q.dtype in (torch.float16, torch.bfloat16)
         return "naive" if softcap is not None or half_bias else "sdpa"
     if bias is None and softcap is None:
-        # Sparse specs (windows, BigBird, ...; issue 4) run fastest on the block-gathered SDPA kernel, which
+        # Sparse specs (windows, BigBird, ...; issue 4) run fastest on the block-sparse kernel, which
         # registers itself as the "block_sparse" backend when hybridattn.ops is imported.
         from hybridattn.ops.block_sparse_attention import prefers_block_sparse
 
