@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from hybridattn.bench.measure import (
-    TargetRow, format_bytes, interleaved_medians, matmul_flops_per_second, median_time, peak_memory,
+    TargetRow, format_bytes, interleaved_medians, peak_memory,
     print_table, print_targets,
 )
 from hybridattn.ops import gated_delta_rule
 
 FLOP_FORMULA = "B*H*T*(2*C*(3*Dk + 2*Dv) + 6*Dk*Dv)"
+MATMUL_N = 1024  # side of the square fp32 matmul whose throughput is the efficiency reference
 
 
 def chunk_flops(b: int, t: int, h: int, dk: int, dv: int, c: int) -> int:
@@ -100,35 +101,48 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, medians of {reps}")
 
     rows, times = [], []
+    # Ours, the peers and the matmul reference are timed one call each in turn, so that the machine's drift (its
+    # speed moved by 30% within minutes here) falls on every entry of a ratio alike.
     inputs = _inputs(b, t, h, d, d)
+    mat_a, mat_b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    fwd = {"ours": lambda: ours(*inputs), "matmul": lambda: mat_a @ mat_b}
+    fwd.update({name: (lambda fn=fn: fn(*inputs)) for name, fn in peers.items()})
     with torch.no_grad():
-        t_ours = median_time(lambda: ours(*inputs), repeats=reps, warmup=1)
-        times.append(("ours chunk forward", t_ours))
-        for name, goal in (("fla", 2.0), ("transformers", 3.0)):
-            if name not in peers:
-                print(f"skipped: {name} forward (not installed)")
-                continue
-            t_peer = median_time(lambda: peers[name](*inputs), repeats=max(3, reps // 2), warmup=1)
-            times.append((f"{name} chunk forward", t_peer))
-            rows.append(TargetRow(f"forward vs {name}", f">= {goal}x", f"{t_peer:.3f}s / {t_ours:.3f}s",
-                                  t_peer / t_ours, goal))
+        for fn in fwd.values():  # warm-up
+            fn()
+        med = interleaved_medians(fwd, rounds=reps, warmup=0)
+    t_ours = med["ours"]
+    times.append(("ours chunk forward", t_ours))
+    for name, goal in (("fla", 2.0), ("transformers", 3.0)):
+        if name not in peers:
+            print(f"skipped: {name} forward (not installed)")
+            continue
+        times.append((f"{name} chunk forward", med[name]))
+        rows.append(TargetRow(f"forward vs {name}", f">= {goal}x", f"{med[name]:.3f}s / {t_ours:.3f}s",
+                              med[name] / t_ours, goal))
 
     grads = _inputs(b, t, h, d, d, grad=True)
-    t_ours_fb = median_time(_fwd_bwd(ours, grads), repeats=reps, warmup=1)
-    times.append(("ours forward+backward", t_ours_fb))
+    fwd_bwd = {"ours": _fwd_bwd(ours, grads)}
     if "transformers" in peers:
-        t_peer_fb = median_time(_fwd_bwd(peers["transformers"], grads), repeats=max(3, reps // 2), warmup=1)
-        times.append(("transformers forward+backward", t_peer_fb))
-        rows.append(TargetRow("fwd+bwd vs transformers", ">= 3x", f"{t_peer_fb:.3f}s / {t_ours_fb:.3f}s",
-                              t_peer_fb / t_ours_fb, 3.0))
+        fwd_bwd["transformers"] = _fwd_bwd(peers["transformers"], grads)
     else:
         print("skipped: transformers forward+backward (not installed)")
+    for fn in fwd_bwd.values():
+        fn()
+    med_fb = interleaved_medians(fwd_bwd, rounds=reps, warmup=0)
+    times.append(("ours forward+backward", med_fb["ours"]))
+    if "transformers" in med_fb:
+        times.append(("transformers forward+backward", med_fb["transformers"]))
+        rows.append(TargetRow("fwd+bwd vs transformers", ">= 3x",
+                              f"{med_fb['transformers']:.3f}s / {med_fb['ours']:.3f}s",
+                              med_fb["transformers"] / med_fb["ours"], 3.0))
 
-    peak = matmul_flops_per_second(torch.float32, torch.device("cpu"))
+    peak = 2.0 * MATMUL_N**3 / med["matmul"]
     flops = chunk_flops(b, t, h, d, d, c)
     achieved = flops / t_ours
     print(f"counted FLOPs = {FLOP_FORMULA} = {flops / 1e9:.2f} GFLOP; "
-          f"fp32 matmul {peak / 1e9:.1f} GFLOP/s, ours {achieved / 1e9:.1f} GFLOP/s")
+          f"fp32 {MATMUL_N}x{MATMUL_N} matmul {peak / 1e9:.1f} GFLOP/s (interleaved with the forward), "
+          f"ours {achieved / 1e9:.1f} GFLOP/s")
     rows.append(TargetRow("FLOP efficiency (chunk fwd)", ">= 50% of matmul",
                           f"{achieved / 1e9:.1f} / {peak / 1e9:.1f} GFLOP/s", achieved / peak, 0.5))
 

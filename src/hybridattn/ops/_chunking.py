@@ -39,11 +39,12 @@ def batch_major(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.reshape(t, b, bh // b, d).transpose(0, 1)
 
 
-def decay_matrix(gam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decay_matrix(gam: torch.Tensor, mask: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``L [..., C, C]`` with ``L[i, j] = exp(gam_i - gam_j)`` for ``j <= i`` and 0 above the diagonal, flushed as
     :func:`exp_flushed`, from chunk-local cumulative log-decays ``gam [..., C, 1]`` and the float lower-triangular
-    ``mask [C, C]``. Not differentiable (in-place steps): for the streaming forms and their hand-written backward."""
-    diff = (gam - gam.mT).tril_()  # tril first: the upper triangle would overflow for positive differences
+    ``mask [C, C]``, written into ``out`` when given. Not differentiable (in-place steps): for the streaming forms and
+    their hand-written backward."""
+    diff = torch.sub(gam, gam.mT, out=out).tril_()  # tril first: the upper triangle would overflow otherwise
     return F.threshold_(diff.clamp_(min=FLUSH_LOG_DECAY).exp_(), _FLUSH_FACTOR, 0.0).mul_(mask)
 
 
@@ -61,8 +62,20 @@ class ChunkLayout:
         self.gated = g is not None
         if self.gated:
             gam = self.gate_chunks(g).cumsum(-2)  # chunk-local, so every exponent is bounded for any T
-            self.gam, self.gexp = gam, exp_flushed(gam)
+            self.gam, self.gexp, self.kdec = gam, exp_flushed(gam), exp_flushed(gam[:, :, -1:] - gam)
         self.mask = torch.ones(chunk_size, chunk_size, dtype=q.dtype, device=q.device).tril()
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def scratch(self, name: str, i: int, *shape: int) -> torch.Tensor | None:
+        """A buffer ``[BH, *shape]`` reused from chunk to chunk for full chunks (None for the short last one, so
+        that ``out=None`` allocates). Why: a fresh allocation per chunk costs page faults and cache misses that
+        were ~10% of the forward; a buffer must be consumed before the next chunk asks for it again."""
+        if self.bounds(i)[1] - self.bounds(i)[0] != self.c:
+            return None
+        buf = self._scratch.get(name)
+        if buf is None:
+            buf = self._scratch[name] = self.mask.new_empty(self.bh, *shape)
+        return buf
 
     def gate_chunks(self, x):
         """``[B, T, Hv]`` -> ``[N, BH, C, 1]``, zero-padded at the end (g = 0 there: gamma_C stays the last real
@@ -79,19 +92,32 @@ class ChunkLayout:
         return i * self.c, min(self.t, (i + 1) * self.c)
 
     def __call__(self, i: int):
-        """Chunk ``i``: ``(qc, kc, vc, G, e, L)``. qc, kc ``[BH, cc, Dk]`` contiguous and expanded to the value
-        heads (for one head and one row they may be views of q and k: never update them in place); vc
-        ``[BH, cc, Dv]`` a view; ``G = exp(gamma)``, ``e = exp(gamma_C - gamma)`` ``[BH, cc, 1]`` (None without a
-        gate); ``L [BH|1, cc, cc]``."""
+        """Chunk ``i``: ``(qc, kc, vc, G, e, L)``. qc, kc ``[BH, cc, Dk]`` expanded to the value heads, kc
+        contiguous (views of q and k are possible: never update them in place); vc ``[BH, cc, Dv]`` a view;
+        ``G = exp(gamma)``, ``e = exp(gamma_C - gamma)`` ``[BH, cc, 1]`` (None without a gate); ``L [BH|1, cc, cc]``.
+        """
         lo, hi = self.bounds(i)
         cc = hi - lo
-        # Contiguous copies: the products read q and k several times each, and from the strided view MKL's
-        # batched gemm runs ~1.5x slower than the copy costs.
         qc, kc = (x[lo:hi].transpose(0, 1) for x in (self.qf, self.kf))
-        qc, kc = (x.repeat_interleave(self.grp, 0) if self.grp > 1 else x.contiguous() for x in (qc, kc))
+        if self.grp > 1:  # GVA: each key head repeated for its group of value heads
+            qc, kc = (self._expand(name, i, x) for name, x in (("q", qc), ("k", kc)))
+        else:
+            # k is read four times, transposed twice: as a strided view MKL's batched gemm runs ~1.5x slower than
+            # the copy costs. q (read twice, never transposed) is faster left a view.
+            buf = self.scratch("k", i, cc, kc.shape[-1])
+            kc = kc.contiguous() if buf is None else buf.copy_(kc)
         vc = self.vf[lo:hi].transpose(0, 1)
         mask = self.mask[:cc, :cc]
         if not self.gated:
             return qc, kc, vc, None, None, mask
         gm = self.gam[i, :, :cc]
-        return qc, kc, vc, self.gexp[i, :, :cc], exp_flushed(gm[:, -1:] - gm), decay_matrix(gm, mask)
+        decay = decay_matrix(gm, mask, out=self.scratch("decay", i, cc, cc))
+        return qc, kc, vc, self.gexp[i, :, :cc], self.kdec[i, :, :cc], decay
+
+    def _expand(self, name, i, x):
+        """``[B*Hk, cc, D]`` -> ``[BH, cc, D]``, key head ``j`` repeated for value heads ``j*grp .. j*grp+grp-1``."""
+        buf = self.scratch(name, i, *x.shape[1:])
+        if buf is None:
+            return x.repeat_interleave(self.grp, 0)
+        buf.view(-1, self.grp, *x.shape[1:]).copy_(x.unsqueeze(1))
+        return buf

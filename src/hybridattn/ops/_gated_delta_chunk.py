@@ -59,16 +59,21 @@ def chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, *, states=None):
         bt = betas[i, :, : hi - lo]
         if states is not None:
             states[i].copy_(s)
-        a = torch.bmm(kc, kc.mT).mul_(decay).mul_(bt)
-        p = torch.bmm(qc, kc.mT).mul_(decay).mul_(scale)
-        ks, qs = torch.bmm(kc, s), torch.bmm(qc, s)
-        r = (vc - ks if gexp is None else torch.addcmul(vc, ks, gexp, value=-1)).mul_(bt)
+        cc = hi - lo
+        a = torch.bmm(kc, kc.mT, out=ch.scratch("a", i, cc, cc)).mul_(decay).mul_(bt)
+        p = torch.bmm(qc, kc.mT, out=ch.scratch("p", i, cc, cc)).mul_(decay)  # scale comes with the product below
+        ks, qs = torch.bmm(kc, s, out=ch.scratch("ks", i, cc, dv)), torch.bmm(qc, s, out=ch.scratch("qs", i, cc, dv))
+        if gexp is None:
+            r = torch.sub(vc, ks, out=ch.scratch("r", i, cc, dv)).mul_(bt)
+        else:
+            r = torch.addcmul(vc, ks, gexp, value=-1, out=ch.scratch("r", i, cc, dv)).mul_(bt)
         new = solve_unit_lower(a, r)
-        o = torch.baddbmm(qs if gexp is None else qs.mul_(gexp), p, new, beta=scale)
+        o = torch.baddbmm(qs if gexp is None else qs.mul_(gexp), p, new, beta=scale, alpha=scale,
+                          out=ch.scratch("o", i, cc, dv))
         out[lo:hi].copy_(o.transpose(0, 1))
         if gexp is not None:  # kc may be a view of k itself (one head, one row), so not in place
             s.mul_(gexp[:, -1:])
-            kc = kc * kdec
+            kc = torch.mul(kc, kdec, out=ch.scratch("kd", i, cc, dk))
         s.baddbmm_(kc.mT, new)
     return batch_major(out, ch.b), s.reshape(ch.b, ch.hv, dk, dv)
 
