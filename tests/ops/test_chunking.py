@@ -32,3 +32,19 @@ def test_decay_matrix_is_the_masked_flushed_exponential_of_differences():
     got = decay_matrix(gam, mask)
     assert torch.equal(got, want)
     assert (got[:2] == 0).any() and (got[:2].tril() > 0).any()  # both branches are exercised
+
+
+def test_chunk_layout_decay_fast_path_equals_decay_matrix():
+    """Mild decays take L = G_i / G_j; it must equal the general flushed form (to rounding)."""
+    from hybridattn.ops._chunking import ChunkLayout
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 50, 3, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    for g, fast in ((-torch.rand(2, 50, 3, generator=gen, dtype=torch.float64), True),
+                    (-20.0 * torch.rand(2, 50, 3, generator=gen, dtype=torch.float64), False)):
+        layout = ChunkLayout(q, k, v, g, 16)
+        assert (layout.inv_gexp is not None) == fast
+        for i in range(layout.n):
+            lo, hi = layout.bounds(i)
+            want = decay_matrix(layout.gam[i, :, : hi - lo], layout.mask[: hi - lo, : hi - lo])
+            assert (layout(i)[-1] - want).abs().max().item() <= 1e-14

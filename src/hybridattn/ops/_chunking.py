@@ -63,6 +63,10 @@ class ChunkLayout:
         if self.gated:
             gam = self.gate_chunks(g).cumsum(-2)  # chunk-local, so every exponent is bounded for any T
             self.gam, self.gexp, self.kdec = gam, exp_flushed(gam), exp_flushed(gam[:, :, -1:] - gam)
+            # Mild decays (every cumulative log-decay in [-60, 0], as with g <= 0 and a chunk's total decay above
+            # e^-60) allow L[i, j] = G_i / G_j: one product instead of the six steps of decay_matrix, with no
+            # overflow and no factor below e^-60.
+            self.inv_gexp = 1.0 / self.gexp if bool((gam.amin() >= FLUSH_LOG_DECAY) & (gam.amax() <= 0)) else None
         self.mask = torch.ones(chunk_size, chunk_size, dtype=q.dtype, device=q.device).tril()
         self._scratch: dict[str, torch.Tensor] = {}
 
@@ -111,7 +115,12 @@ class ChunkLayout:
         if not self.gated:
             return qc, kc, vc, None, None, mask
         gm = self.gam[i, :, :cc]
-        decay = decay_matrix(gm, mask, out=self.scratch("decay", i, cc, cc))
+        out = self.scratch("decay", i, cc, cc)
+        if self.inv_gexp is None:
+            decay = decay_matrix(gm, mask, out=out)
+        else:
+            gexp = self.gexp[i, :, :cc]
+            decay = torch.mul(gexp, self.inv_gexp[i, :, :cc].mT, out=out).mul_(mask)
         return qc, kc, vc, self.gexp[i, :, :cc], self.kdec[i, :, :cc], decay
 
     def _expand(self, name, i, x):
