@@ -229,12 +229,11 @@ def gated_delta_rule(
         ValueError: mismatched shapes or devices, ``Hv % Hk != 0``, an unknown mode, a bad ``cu_seqlens``,
             ``return_attention`` outside parallel mode.
     """
-    n = _validate(
+    _validate(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, mode=mode, chunk_size=chunk_size,
         cu_seqlens=cu_seqlens, return_attention=return_attention,
     )
-    b, t, hk, dk = q.shape
-    hv = v.shape[2]
+    dk = q.shape[3]
     out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
     scale = dk**-0.5 if scale is None else float(scale)
     q, k, v, beta = q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt)
