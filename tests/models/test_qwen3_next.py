@@ -88,8 +88,8 @@ def test_legacy_config_fields():
     cfg = qwen3_next.config_from_transformers(legacy)
     assert cfg.layer_types == ["gated_deltanet"] * 3 + ["attention"] + ["gated_deltanet"] * 3 + ["attention"]
     assert (cfg.attention.rope_theta, cfg.attention.partial_rotary_factor) == (5e5, 0.25)
-    with pytest.raises(ValueError, match="rope_type: expected 'default'.*'yarn'"):
-        qwen3_next.config_from_transformers({**legacy, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match=r"rope_type: expected one of \('default', .*received 'su'"):
+        qwen3_next.config_from_transformers({**legacy, "rope_scaling": {"rope_type": "su", "factor": 4.0}})
     with pytest.raises(ValueError, match="hidden_act: expected 'silu', received 'gelu'"):
         qwen3_next.config_from_transformers({**legacy, "hidden_act": "gelu"})
 

@@ -25,7 +25,7 @@ from hybridattn.layers.positions import T5RelativeBias
 from hybridattn.layers.short_conv import check_left_padding
 from hybridattn.ops._checks import check_choice, check_heads_divisible, check_positive_int, check_tensor
 from hybridattn.ops.masks import TensorMask
-from hybridattn.ops.positions import ALiBi, alibi_slopes, apply_rotary, rotary_dim
+from hybridattn.ops.positions import ALiBi, alibi_slopes, apply_rotary, check_rope_scaling, rotary_dim
 from hybridattn.ops.softmax_attention import softmax_attention
 from hybridattn.ops.sparse_masks import sliding_window
 
@@ -46,6 +46,8 @@ class MultiHeadAttention(nn.Module):
             (``sinusoidal_positions``, ``LearnedPositionEmbedding``) are added to the embeddings by the model.
         rope_theta: RoPE base.
         rotary_fraction: share of D rotated by RoPE (Qwen3-Next: 0.25).
+        rope_scaling: RoPE context extension, a dict ``{"rope_type": "linear" | "dynamic" | "yarn" | "llama3" |
+            "longrope", ...}`` (see :data:`hybridattn.ops.positions.ROPE_SCALING`); None = plain RoPE.
         qk_norm: RMSNorm over D on every q and k head, before RoPE.
         zero_centered_norm: the q/k norms scale by ``1 + w`` (Qwen3-Next) instead of ``w``.
         norm_eps: epsilon of the q/k norms.
@@ -78,6 +80,7 @@ class MultiHeadAttention(nn.Module):
         positions: str | None = None,
         rope_theta: float = 10000.0,
         rotary_fraction: float = 1.0,
+        rope_scaling: dict | None = None,
         qk_norm: bool = False,
         zero_centered_norm: bool = False,
         norm_eps: float = 1e-6,
@@ -121,8 +124,12 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"window: a sliding window needs causal self-attention, received causal={self.causal}")
         self.window = window
         self.rope_theta, self.rotary_fraction = rope_theta, rotary_fraction
+        self.rope_scaling = None
         if self.positions == "rope":
-            rotary_dim(head_dim, rotary_fraction)  # validate now rather than on the first forward
+            rotated = rotary_dim(head_dim, rotary_fraction)  # validate now rather than on the first forward
+            self.rope_scaling = check_rope_scaling(rope_scaling, rotary_dim=rotated)
+        elif rope_scaling is not None:
+            raise ValueError(f"rope_scaling: only used with positions='rope', received positions={positions!r}")
         self.backend, self.scale, self.softcap = backend, scale, softcap
         self.output_gate = bool(output_gate)
 
@@ -208,7 +215,8 @@ class MultiHeadAttention(nn.Module):
                 # one rotation over the heads of q and k together: the angles are computed once (decode steps
                 # are dominated by per-op overhead, not by arithmetic)
                 qk = torch.cat((q, k), dim=2)  # (B, T, H + Hkv, D)
-                qk = apply_rotary(qk, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
+                qk = apply_rotary(qk, pos, theta=self.rope_theta, rotary_fraction=self.rotary_fraction,
+                                  scaling=self.rope_scaling)
                 q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
             if cache is None:
                 key_valid = token_mask
@@ -315,6 +323,8 @@ class MultiHeadAttention(nn.Module):
         ]
         if self.positions == "rope":
             parts.append(f"rope_theta={self.rope_theta}, rotary_fraction={self.rotary_fraction}")
+            if self.rope_scaling is not None:
+                parts.append(f"rope_scaling={self.rope_scaling}")
         for name in ("output_gate", "cross", "window"):
             if getattr(self, name):
                 parts.append(f"{name}={getattr(self, name)}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybridattn.models.layout import resolve_layout
+from hybridattn.ops.positions import check_rope_scaling
 
 
 def _err(name: str, expected: str, value) -> ValueError:
@@ -48,6 +49,8 @@ class AttentionConfig:
     position: str = "rope"             # "rope", "alibi", "t5" (learned bucketed bias) or "none" (NoPE)
     rope_theta: float = 10_000.0
     partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Qwen3-Next: 0.25)
+    rope_scaling: dict | None = None   # context extension, e.g. {"rope_type": "yarn", "factor": 4.0,
+                                       # "original_max_position_embeddings": 32768}; see ops.positions.ROPE_SCALING
     output_gate: bool = False          # sigmoid output gate from the query projection (Qwen3-Next)
     qk_norm: bool = False              # RMSNorm over each q and k head (Qwen3-Next)
     window: int | None = None          # sliding window; the KV cache becomes a ring buffer of `window` entries
@@ -71,6 +74,11 @@ class AttentionConfig:
             raise _err("attention.partial_rotary_factor",
                        f"a fraction of head_dim={self.dim(d_model)} giving an even, positive channel count",
                        self.partial_rotary_factor)
+        if self.position != "rope" and self.rope_scaling is not None:
+            raise _err("attention.rope_scaling", f"None with attention.position={self.position!r}", self.rope_scaling)
+        if self.position == "rope":
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, name="attention.rope_scaling",
+                                                   rotary_dim=rotated)
         if self.window is not None:
             _check_int("attention.window", self.window)
 
@@ -191,6 +199,9 @@ class ModelConfig:
     initializer_range: float = 0.02    # std of the normal init of linear and embedding weights
     pad_token_id: int = 0              # written after a row stopped, in `generate`
     eos_token_id: int | None = None    # default stop token of `generate`
+    # config fields of an imported checkpoint (e.g. a transformers config.json) that the mapping does not
+    # reproduce, {key: {"source": value read, "mapped": value the mapping writes}}; written back on export
+    source_fields: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         for name, cls in _NESTED.items():
@@ -234,6 +245,10 @@ class ModelConfig:
         if not isinstance(self.mixer_options, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) for k, v in self.mixer_options.items()):
             raise _err("mixer_options", "a dict of {mixer name: dict of options}", self.mixer_options)
+        if not isinstance(self.source_fields, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) and set(v) <= {"source", "mapped"}
+                for k, v in self.source_fields.items()):
+            raise _err("source_fields", 'a dict of {field name: {"source": ..., "mapped": ...}}', self.source_fields)
 
     @property
     def layer_types(self) -> list[str]:

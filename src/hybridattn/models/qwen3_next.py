@@ -11,7 +11,8 @@ Config mapping (transformers -> ``ModelConfig``)::
     num_attention_heads, num_key_value_heads,     -> attention.num_heads, .num_kv_heads, .head_dim, .bias,
       head_dim, attention_bias                       with output_gate, qk_norm, RoPE
     rope_parameters | rope_theta, partial_rotary_factor, rope_scaling
-                                                  -> attention.rope_theta, .partial_rotary_factor (default RoPE)
+                                                  -> attention.rope_theta, .partial_rotary_factor, .rope_scaling
+                                                     (linear, dynamic, yarn, llama3, longrope)
     linear_num_key_heads, linear_num_value_heads, -> linear.num_heads, .num_v_heads, .head_dim, .v_head_dim,
       linear_key_head_dim, linear_value_head_dim,    .conv_size
       linear_conv_kernel_dim
@@ -19,6 +20,9 @@ Config mapping (transformers -> ``ModelConfig``)::
     num_experts, num_experts_per_tok, moe_intermediate_size, shared_expert_intermediate_size,
       norm_topk_prob, decoder_sparse_step, mlp_only_layers, router_aux_loss_coef -> moe
     rms_norm_eps, tie_word_embeddings             -> norm_eps (zero-centred norms), tie_embeddings
+    everything else (bos_token_id, dtype, ...)    -> source_fields, written back on export
+
+The config mapping lives in ``models/qwen3_next_config.py`` (with the rules of the exact round trip).
 
 Tensor mapping: hybridattn uses the transformers module names (``model.`` prefix dropped), except the MoE layer,
 whose router is ``mlp.router`` (``mlp.gate`` there) and whose experts are stacked: ``mlp.gate_up_proj`` ``[E, 2I, d]``
@@ -40,126 +44,16 @@ from typing import Mapping
 import torch
 
 from hybridattn.models.config import ModelConfig
+from hybridattn.models.qwen3_next_config import MODEL_TYPE, config_from_transformers, config_to_transformers
 
-MODEL_TYPE = "qwen3_next"
-_LAYER_TYPES = {"linear_attention": "gated_deltanet", "full_attention": "attention"}
+__all__ = ["MODEL_TYPE", "config_from_transformers", "config_to_transformers", "detect", "load", "save",
+           "read_safetensors", "state_dict_from_transformers", "state_dict_to_transformers"]
 _INDEX = "model.safetensors.index.json"
 
 
 def detect(config: Mapping) -> bool:
     """True for a transformers Qwen3-Next ``config.json`` dict (``"model_type": "qwen3_next"``)."""
     return config.get("model_type") == MODEL_TYPE
-
-
-# -- config ------------------------------------------------------------------------------------------------------
-def config_from_transformers(hf: Mapping) -> ModelConfig:
-    """A ``ModelConfig`` from a transformers ``Qwen3NextConfig`` dict (``config.json``).
-
-    Raises:
-        ValueError: ``model_type`` is not ``qwen3_next``, or a field asks for something hybridattn does not run
-            (an activation other than SiLU, a RoPE type other than the default, an unknown layer type); the message
-            names the field.
-    """
-    if hf.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"config.json model_type: expected {MODEL_TYPE!r}, received {hf.get('model_type')!r}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act: expected 'silu', received {hf['hidden_act']!r}")
-    n_layers = hf["num_hidden_layers"]
-    layer_types = hf.get("layer_types")
-    if layer_types is None:
-        interval = hf.get("full_attention_interval", 4)
-        layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
-    for i, kind in enumerate(layer_types):
-        if kind not in _LAYER_TYPES:
-            raise ValueError(f"config.json layer_types[{i}]: expected one of {tuple(_LAYER_TYPES)}, received {kind!r}")
-    rope = dict(hf.get("rope_parameters") or {})
-    legacy_scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", legacy_scaling.get("rope_type", legacy_scaling.get("type", "default")))
-    if rope_type != "default":
-        raise ValueError(f"config.json rope_parameters.rope_type: expected 'default' (plain RoPE), received "
-                         f"{rope_type!r}")
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    eos = hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-    pad = hf.get("pad_token_id")
-    num_experts = hf.get("num_experts", 0) or 0
-    moe = None
-    if num_experts > 0:
-        moe = dict(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
-                   moe_intermediate_size=hf["moe_intermediate_size"],
-                   shared_expert_intermediate_size=hf["shared_expert_intermediate_size"],
-                   norm_topk_prob=hf.get("norm_topk_prob", True), decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-                   mlp_only_layers=list(hf.get("mlp_only_layers") or []),
-                   router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hidden, num_layers=n_layers,
-        layers=[_LAYER_TYPES[t] for t in layer_types],
-        attention=dict(num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
-                       head_dim=hf.get("head_dim") or hidden // heads, position="rope",
-                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-                       partial_rotary_factor=float(rope.get("partial_rotary_factor",
-                                                            hf.get("partial_rotary_factor", 0.25))),
-                       output_gate=True, qk_norm=True, bias=bool(hf.get("attention_bias", False))),
-        linear=dict(num_heads=hf["linear_num_key_heads"], num_v_heads=hf["linear_num_value_heads"],
-                    head_dim=hf["linear_key_head_dim"], v_head_dim=hf["linear_value_head_dim"],
-                    conv_size=hf.get("linear_conv_kernel_dim", 4)),
-        ffn=dict(kind="swiglu", intermediate_size=hf["intermediate_size"]),
-        moe=moe, norm="rms_zero_centred", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
-        pad_token_id=pad if pad is not None else (eos if eos is not None else 0), eos_token_id=eos,
-    )
-
-
-def config_to_transformers(config: ModelConfig, *, dtype: torch.dtype | None = None) -> dict:
-    """The transformers ``config.json`` dict of a Qwen3-Next-shaped ``ModelConfig``.
-
-    Raises:
-        ValueError: the model is not expressible as Qwen3-Next (another mixer, plain norms, no output gate or
-            q/k norm, positions other than RoPE, a sliding window, a non-SwiGLU MLP, MoE without a shared expert);
-            the message names the field.
-    """
-    types = config.layer_types
-    inverse = {v: k for k, v in _LAYER_TYPES.items()}
-    for i, name in enumerate(types):
-        if name not in inverse:
-            raise ValueError(f"layers[{i}]: expected 'gated_deltanet' or 'attention' to export as Qwen3-Next, "
-                             f"received {name!r}")
-    att, lin, moe = config.attention, config.linear, config.moe
-    checks = [("norm", config.norm, "rms_zero_centred"), ("attention.position", att.position, "rope"),
-              ("attention.output_gate", att.output_gate, True), ("attention.qk_norm", att.qk_norm, True),
-              ("attention.window", att.window, None), ("ffn.kind", config.ffn.kind, "swiglu"),
-              ("ffn.bias", config.ffn.bias, False)]
-    if moe is not None and moe.shared_expert_intermediate_size == 0:
-        checks.append(("moe.shared_expert_intermediate_size", 0, "> 0 (transformers always has a shared expert)"))
-    for name, value, expected in checks:
-        if value != expected:
-            raise ValueError(f"{name}: expected {expected!r} to export as Qwen3-Next, received {value!r}")
-    hf = {
-        "architectures": ["Qwen3NextForCausalLM"], "model_type": MODEL_TYPE,
-        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
-        "layer_types": [inverse[t] for t in types],
-        "num_attention_heads": att.num_heads, "num_key_value_heads": att.kv_heads(),
-        "head_dim": att.dim(config.d_model), "attention_bias": att.bias, "attention_dropout": 0.0,
-        "rope_parameters": {"rope_type": "default", "rope_theta": att.rope_theta,
-                            "partial_rotary_factor": att.partial_rotary_factor},
-        "linear_num_key_heads": lin.num_heads, "linear_num_value_heads": lin.v_heads(),
-        "linear_key_head_dim": lin.k_dim(config.d_model), "linear_value_head_dim": lin.v_dim(config.d_model),
-        "linear_conv_kernel_dim": lin.conv_size,
-        "hidden_act": "silu", "intermediate_size": config.ffn.hidden(config.d_model),
-        "num_experts": 0 if moe is None else moe.num_experts,
-        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
-        "initializer_range": config.initializer_range,
-        "pad_token_id": config.pad_token_id, "eos_token_id": config.eos_token_id,
-    }
-    if moe is not None:
-        hf.update(num_experts_per_tok=moe.num_experts_per_tok, moe_intermediate_size=moe.moe_intermediate_size,
-                  shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
-                  norm_topk_prob=moe.norm_topk_prob, decoder_sparse_step=moe.decoder_sparse_step,
-                  mlp_only_layers=list(moe.mlp_only_layers), router_aux_loss_coef=moe.router_aux_loss_coef)
-    if dtype is not None:
-        hf["dtype"] = str(dtype).removeprefix("torch.")
-    return hf
 
 
 # -- tensors -----------------------------------------------------------------------------------------------------
@@ -338,7 +232,8 @@ def save(model, directory, *, max_shard_size: int = 5 * 2**30) -> None:
     hf_config = config_to_transformers(model.config, dtype=dtype)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict_to_transformers(state, model.config).items()}
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    # sorted keys, as transformers writes them, so an imported config.json comes back to the letter
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     shards: list[dict] = [{}]
     size = 0
     for name in sorted(tensors):

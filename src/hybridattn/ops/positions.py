@@ -16,6 +16,7 @@ Shape legend: B batch, T sequence length, H heads, D head dim, Tq query length, 
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -102,11 +103,12 @@ def rope_frequencies(
     n = rotary_dim(head_dim, rotary_fraction)
     if not theta > 0:
         raise ValueError(f"theta: expected a positive base, received {theta!r}")
-    return theta ** (-torch.arange(0, n, 2, device=device, dtype=dtype) / n)
+    return _plain_inv_freq(n, theta, device, dtype)
 
 
 def apply_rotary(
-    x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0, rotary_fraction: float = 1.0
+    x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0, rotary_fraction: float = 1.0,
+    scaling: dict | None = None,
 ) -> torch.Tensor:
     """Rotate the first ``rotary_dim`` channels of every head by its token's position (rotate_half layout).
 
@@ -116,6 +118,9 @@ def apply_rotary(
             a cache offset).
         theta: RoPE base.
         rotary_fraction: share of ``D`` that is rotated; the rest passes through unchanged.
+        scaling: a RoPE scaling dict (``{"rope_type": "yarn", ...}``, see ``ROPE_SCALING``), validated beforehand
+            with :func:`check_rope_scaling`; None = plain RoPE. ``dynamic`` and ``longrope`` depend on the largest
+            position in ``positions`` (+ 1), computed on the device without a sync.
 
     Returns:
         ``[B, T, H, D]``, same dtype as ``x``; the rotation itself is computed in at least float32.
@@ -129,16 +134,216 @@ def apply_rotary(
     if positions.device != x.device:
         raise ValueError(f"positions: expected device {x.device} (the device of x), received {positions.device}")
     work = _angle_dtype(x.dtype)
-    inv_freq = rope_frequencies(d, theta=theta, rotary_fraction=rotary_fraction, device=x.device, dtype=work)
+    needs_length = scaling is not None and scaling.get("rope_type") in ("dynamic", "longrope")
+    seq_len = positions.max() + 1 if needs_length else None
+    inv_freq, scale = rope_scaled_frequencies(d, theta=theta, rotary_fraction=rotary_fraction, scaling=scaling,
+                                              seq_len=seq_len, device=x.device, dtype=work)
     n = 2 * inv_freq.numel()
     angles = positions.to(work).unsqueeze(-1) * inv_freq  # [1|B, T, n/2]
     angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [1|B, T, 1, n]: both halves share an angle
     cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:  # YaRN / LongRoPE temperature: scales the rotated channels only, as Hugging Face does
+        cos, sin = cos * scale, sin * scale
     rot = x[..., :n].to(work)
     half = n // 2
     rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
     out = (rot * cos + rotated_half * sin).to(x.dtype)
     return out if n == d else torch.cat((out, x[..., n:]), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE scaling (context extension): each function gives the inverse frequencies of the ``dim`` rotated channels and
+# the factor that multiplies cos and sin (the rotated channels only), as ``(inv_freq [dim / 2], attention_scale)``.
+# ``w_i = theta^(-2i / dim)`` are the plain RoPE frequencies, ``L0`` the pre-training context length. The semantics
+# follow Hugging Face's ``modeling_rope_utils`` (which the tests compare against), parameter names included.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _plain_inv_freq(dim: int, theta: float, device, dtype) -> torch.Tensor:
+    return theta ** (-torch.arange(0, dim, 2, device=device, dtype=dtype) / dim)
+
+
+def rope_linear(dim: int, *, theta: float, factor: float, device=None, dtype=torch.float32):
+    """Position interpolation (kaiokendev; Chen et al., 2023): ``w_i / factor``, i.e. positions divided by
+    ``factor``; attention scale 1."""
+    return _plain_inv_freq(dim, theta, device, dtype) / factor, 1.0
+
+
+def rope_dynamic(dim: int, *, theta: float, factor: float, original_max_position_embeddings: int, seq_len=None,
+                 device=None, dtype=torch.float32):
+    """Dynamic NTK scaling (bloc97, emozilla): a larger base once the sequence outgrows ``L0``,
+
+    ``theta' = theta * (factor * L / L0 - (factor - 1)) ^ (dim / (dim - 2))``, ``L = max(seq_len, L0)``, then
+    ``w'_i = theta'^(-2i / dim)``; attention scale 1. ``seq_len`` is the length seen so far (largest position + 1:
+    a Python int or a 0-dim tensor, which avoids a device sync); None means ``L0`` (plain RoPE). Keys already in a
+    KV cache keep the rotation they were stored with, as in Hugging Face.
+    """
+    if dim <= 2:
+        raise ValueError(f"dim: dynamic NTK scaling needs more than 2 rotated channels, received {dim}")
+    l0 = original_max_position_embeddings
+    if isinstance(seq_len, torch.Tensor):
+        length = seq_len.to(device=device, dtype=dtype).clamp(min=l0)
+    else:
+        length = float(max(l0 if seq_len is None else seq_len, l0))
+    base = theta * (factor * length / l0 - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, device=device, dtype=dtype) / dim
+    return base ** -exponents, 1.0
+
+
+def yarn_attention_scale(factor: float, *, mscale: float | None = None, mscale_all_dim: float | None = None) -> float:
+    """YaRN's attention temperature ``m(s) = 0.1 * mscale * ln(s) + 1`` (1 for ``s <= 1``): ``m(factor)`` with
+    ``mscale = 1``, or ``m(factor; mscale) / m(factor; mscale_all_dim)`` when both are given (DeepSeek)."""
+
+    def m(scale: float, k: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+    if mscale and mscale_all_dim:
+        return m(factor, mscale) / m(factor, mscale_all_dim)
+    return m(factor)
+
+
+def rope_yarn(dim: int, *, theta: float, factor: float, original_max_position_embeddings: int,
+              beta_fast: float | None = 32.0, beta_slow: float | None = 1.0, attention_factor: float | None = None,
+              mscale: float | None = None, mscale_all_dim: float | None = None, truncate: bool = True,
+              device=None, dtype=torch.float32):
+    """YaRN (Peng et al., 2023): interpolate the slow channels, keep the fast ones, ramp between them,
+
+    ``w'_i = (w_i / factor) * r_i + w_i * (1 - r_i)``, ``r_i = clamp((i - lo) / (hi - lo), 0, 1)`` for channel pair
+    ``i``, where ``lo``/``hi`` are the pairs that turn ``beta_fast``/``beta_slow`` times over ``L0``:
+    ``d(b) = dim * ln(L0 / (2 pi b)) / (2 ln theta)``, ``lo = max(d(beta_fast), 0)``,
+    ``hi = min(d(beta_slow), dim - 1)`` (``floor``/``ceil`` first when ``truncate``; ``hi += 0.001`` if equal).
+    Attention scale: ``attention_factor``, else :func:`yarn_attention_scale`. ``beta_* = None`` means 32 / 1.
+    """
+    beta_fast, beta_slow = beta_fast or 32.0, beta_slow or 1.0
+
+    def pair(rotations: float) -> float:
+        return dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = pair(beta_fast), pair(beta_slow)
+    if truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001  # avoid 0 / 0
+    ramp = ((torch.arange(dim // 2, device=device, dtype=dtype) - lo) / (hi - lo)).clamp(0, 1)
+    inv_freq = _plain_inv_freq(dim, theta, device, dtype)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    if attention_factor is None:
+        attention_factor = yarn_attention_scale(factor, mscale=mscale, mscale_all_dim=mscale_all_dim)
+    return inv_freq, float(attention_factor)
+
+
+def rope_llama3(dim: int, *, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                original_max_position_embeddings: int, device=None, dtype=torch.float32):
+    """Llama 3.1 scaling: by wavelength ``lambda_i = 2 pi / w_i``, keep ``w_i`` where ``lambda_i < L0 /
+    high_freq_factor``, use ``w_i / factor`` where ``lambda_i > L0 / low_freq_factor``, and in between
+    ``(1 - s) w_i / factor + s w_i`` with ``s = (L0 / lambda_i - low_freq_factor) / (high_freq_factor -
+    low_freq_factor)``; attention scale 1."""
+    l0 = original_max_position_embeddings
+    inv_freq = _plain_inv_freq(dim, theta, device, dtype)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (l0 / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    out = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > l0 / low_freq_factor, inv_freq / factor, out)
+    return torch.where(wavelen < l0 / high_freq_factor, inv_freq, out), 1.0
+
+
+def rope_longrope(dim: int, *, theta: float, short_factor, long_factor, factor: float,
+                  original_max_position_embeddings: int, attention_factor: float | None = None, seq_len=None,
+                  device=None, dtype=torch.float32):
+    """LongRoPE (Ding et al., 2024; Phi-3): per-channel rescaling ``w_i / e_i`` with ``e = long_factor`` once the
+    sequence is longer than ``L0`` (``seq_len > L0``; an int or a 0-dim tensor) and ``e = short_factor`` otherwise.
+    Attention scale: ``attention_factor``, else ``sqrt(1 + ln(factor) / ln(L0))`` (1 for ``factor <= 1``)."""
+    inv_freq = _plain_inv_freq(dim, theta, device, dtype)
+    short = inv_freq / torch.tensor(short_factor, device=device, dtype=dtype)
+    long = inv_freq / torch.tensor(long_factor, device=device, dtype=dtype)
+    l0 = original_max_position_embeddings
+    if isinstance(seq_len, torch.Tensor):
+        inv_freq = torch.where(seq_len.to(device) > l0, long, short)
+    else:
+        inv_freq = long if seq_len is not None and seq_len > l0 else short
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(l0))
+    return inv_freq, float(attention_factor)
+
+
+#: ``rope_type`` -> frequency function; a scaling dict's other keys are that function's keyword arguments.
+ROPE_SCALING = {"linear": rope_linear, "dynamic": rope_dynamic, "yarn": rope_yarn, "llama3": rope_llama3,
+                "longrope": rope_longrope}
+_NOT_CONFIG = {"dim", "theta", "seq_len", "device", "dtype"}
+
+
+def rope_scaling_fields(rope_type: str) -> tuple[set, set]:
+    """``(required, optional)`` parameter names of a scaling type: its function's keyword arguments."""
+    params = inspect.signature(ROPE_SCALING[rope_type]).parameters.values()
+    required = {p.name for p in params if p.default is p.empty and p.name not in _NOT_CONFIG}
+    optional = {p.name for p in params if p.default is not p.empty and p.name not in _NOT_CONFIG}
+    return required, optional
+
+
+def check_rope_scaling(scaling, *, name: str = "rope_scaling", rotary_dim: int | None = None) -> dict | None:
+    """Validate a RoPE scaling dict ``{"rope_type": ..., <that type's parameters>}`` (None = plain RoPE).
+
+    Returns a copy (None for None or ``{"rope_type": "default"}``).
+
+    Raises:
+        TypeError: not a dict, or a parameter of the wrong type.
+        ValueError: an unknown ``rope_type``, missing or unknown parameters, factors that are not positive, or
+            ``short_factor``/``long_factor`` lists whose length is not ``rotary_dim / 2`` (when given).
+    """
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise TypeError(f"{name}: expected None or a dict with a 'rope_type', received {type(scaling).__name__}")
+    rope_type = scaling.get("rope_type")
+    if rope_type == "default" and len(scaling) == 1:
+        return None
+    if rope_type not in ROPE_SCALING:
+        raise ValueError(f"{name}.rope_type: expected one of {tuple(ROPE_SCALING)}, received {rope_type!r}")
+    required, optional = rope_scaling_fields(rope_type)
+    given = set(scaling) - {"rope_type"}
+    if required - given or given - required - optional:
+        raise ValueError(f"{name}: rope_type {rope_type!r} expects {sorted(required)} and optionally "
+                         f"{sorted(optional)}, received {sorted(given)}")
+    for key, value in scaling.items():
+        if key == "rope_type" or (value is None and key in optional):
+            continue
+        if key in ("short_factor", "long_factor"):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and v > 0 for v in value):
+                raise TypeError(f"{name}.{key}: expected a list of positive numbers, received {value!r}")
+            if rotary_dim is not None and len(value) != rotary_dim // 2:
+                raise ValueError(f"{name}.{key}: expected {rotary_dim // 2} entries (rotary_dim / 2), "
+                                 f"received {len(value)}")
+        elif key == "truncate":
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}.truncate: expected a bool, received {value!r}")
+        elif key == "original_max_position_embeddings":
+            check_positive_int(f"{name}.{key}", value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name}.{key}: expected a positive number, received {value!r}")
+    return dict(scaling)
+
+
+def rope_scaled_frequencies(head_dim: int, *, theta: float = 10000.0, rotary_fraction: float = 1.0, scaling=None,
+                            seq_len=None, device=None, dtype=torch.float32) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[rotary_dim / 2]`` and the cos/sin scale of RoPE with an optional ``scaling`` dict
+    (see ``ROPE_SCALING``; validate it once with :func:`check_rope_scaling`). ``seq_len`` (the length seen so far)
+    matters for ``dynamic`` and ``longrope`` only.
+
+    Raises:
+        ValueError: an unknown ``rope_type`` or a bad rotary width.
+    """
+    inv_freq = rope_frequencies(head_dim, theta=theta, rotary_fraction=rotary_fraction, device=device, dtype=dtype)
+    if scaling is None:
+        return inv_freq, 1.0
+    params = {k: v for k, v in scaling.items() if k != "rope_type"}
+    fn = ROPE_SCALING.get(scaling.get("rope_type"))
+    if fn is None:
+        raise ValueError(f"scaling.rope_type: expected one of {tuple(ROPE_SCALING)}, "
+                         f"received {scaling.get('rope_type')!r}")
+    if fn in (rope_dynamic, rope_longrope):
+        params["seq_len"] = seq_len
+    return fn(2 * inv_freq.numel(), theta=theta, device=device, dtype=dtype, **params)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ def build_attention(config, layer_idx: int):
     return MultiHeadAttention(
         config.d_model, att.num_heads, n_kv_heads=att.kv_heads(), head_dim=att.dim(config.d_model),
         positions=att.position, rope_theta=att.rope_theta, rotary_fraction=att.partial_rotary_factor,
+        rope_scaling=att.rope_scaling,
         qk_norm=att.qk_norm, zero_centered_norm=config.norm == "rms_zero_centred", norm_eps=config.norm_eps,
         output_gate=att.output_gate, bias=att.bias, window=att.window,
     )

@@ -19,7 +19,8 @@ def _attention_kwargs(config) -> dict:
     att = config.attention
     return dict(
         n_kv_heads=att.kv_heads(), head_dim=att.dim(config.d_model), positions=att.position,
-        rope_theta=att.rope_theta, rotary_fraction=att.partial_rotary_factor, qk_norm=att.qk_norm,
+        rope_theta=att.rope_theta, rotary_fraction=att.partial_rotary_factor,
+        rope_scaling=att.rope_scaling, qk_norm=att.qk_norm,
         zero_centered_norm=config.norm == "rms_zero_centred", norm_eps=config.norm_eps,
         output_gate=att.output_gate, bias=att.bias,
     )
