@@ -19,9 +19,9 @@ TOL = 1e-5  # relative error for fp32, max |x - ref| / max |ref|, outputs and gr
 
 
 def rel_err(x, ref, *, zero_scale=1.0):
-    """max |x - ref| / max |ref|. Where the exact answer is identically zero (dk with a single key: its softmax is
-    constant, and the gradient is a sum of terms that cancel exactly) relative error is undefined; the error is
-    then measured against ``zero_scale``, the size of the terms that cancel (the call's other gradients)."""
+    """max |x - ref| / max |ref|. Where the exact answer is identically zero (dq and dk with a single key: the
+    softmax is constant and the gradient a sum of terms that cancel exactly) relative error is undefined; the error
+    is then measured against ``zero_scale``, the size of those terms (1: unit-scale inputs)."""
     err = (x.double() - ref).abs().max()
     scale = ref.abs().max()
     return float(err / scale) if scale > 1e-12 else float(err / zero_scale)
@@ -89,11 +89,19 @@ def compare_to_naive(backend_fn, b, tq, tk, hq, hkv, d, dv, kind, *, seed=0, gra
         assert rel_err(out, ref[0]) <= TOL
         return
     got = run_with_grads(lambda *x: backend_fn(*x, **opts32), *f32, do.float())
-    zero_scale = max(1.0, *(float(r.abs().max()) for r in ref))
-    for name, x, r in zip(("o", "dq", "dk", "dv"), got, ref):
+    # The bar is TOL, or, where fp32 itself cannot reach it, 4x the error of the naive reference run in fp32 (as
+    # flash-attn's tests judge their kernels against the reference in the low precision): dq and dk are sums of
+    # terms that cancel when a row's softmax is (nearly) constant, so a row with a single kept key makes max |dk|
+    # small next to the terms, or exactly zero.
+    naive32 = run_with_grads(lambda *x: softmax_attention(*x, backend="naive", **opts32), *f32, do.float())
+    # each cancelling term ds_ij q_i (or ds_ij k_j) is bounded by 2 scale |do_i| |v_j| max |q|, |k|
+    sc = opts.get("scale") or d ** -0.5
+    zero_scale = float(2 * sc * do.norm(dim=-1).max() * v.norm(dim=-1).max() * max(q.abs().max(), k.abs().max()))
+    for name, x, r, x_naive in zip(("o", "dq", "dk", "dv"), got, ref, naive32):
         assert x.dtype == torch.float32
         err = rel_err(x, r, zero_scale=zero_scale)
-        assert err <= TOL, f"{name}: relative error {err:.2e}"
+        bar = max(TOL, 4 * rel_err(x_naive, r, zero_scale=zero_scale))
+        assert err <= bar, f"{name}: relative error {err:.2e} > {bar:.2e}"
 
 
 SHAPES = st.fixed_dictionaries({
