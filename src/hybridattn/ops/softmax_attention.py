@@ -71,7 +71,7 @@ def dense_scores(q, k, *, mask: MaskSpec | None, bias: ScoreBias | None, scale: 
     Shared by the naive reference and the attention-sink variant; ``finish_scores`` keeps the order of softcap,
     bias and mask the same for every form."""
     b, tq, hq, _ = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     acc = accumulation_dtype(q.dtype)
     qh = q.to(acc).transpose(1, 2)  # (B, Hq, Tq, D)
     kh = k.to(acc).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)  # (B, Hq, Tk, D)
