@@ -9,6 +9,8 @@ where the log-decay ``g_t`` is per key channel (``gla``, ``[.., Dk]``), one scal
 ``[.., 1]`` so that it broadcasts like a channel vector), or absent (``linear_attention``). The forms differ only in
 how the pairwise weights ``A[i, j] = sum_d q_id k_jd exp(G_id - G_jd)`` (``G`` the cumulative log-decay) are
 built, so each mechanism hands in that one function (``intra_chunk`` / ``pair_weights``) and everything else is here.
+The chunk form of the scalar-decay and no-decay members is the streaming one of ``_gated_linear_chunk`` (with a
+hand-written backward); :func:`chunk_form` below serves the per-channel decays of ``gla``.
 
 Internal layout is ``[B, H, T, D]`` in a compute dtype of at least float32 (bf16/fp16 inputs are upcast so that
 the state and the cumulative decays keep their precision).
