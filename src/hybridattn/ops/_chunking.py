@@ -81,6 +81,12 @@ class ChunkLayout:
             buf = self._scratch[name] = self.mask.new_empty(self.bh, *shape)
         return buf
 
+    def start(self, h0, dk: int, dv: int):
+        """The running state ``[BH, Dk, Dv]`` (a copy of ``h0 [B, Hv, Dk, Dv]``, or zeros) and the output buffer
+        ``[T, BH, Dv]`` a forward pass fills chunk by chunk."""
+        s = self.mask.new_zeros(self.bh, dk, dv) if h0 is None else h0.reshape(self.bh, dk, dv).clone()
+        return s, self.mask.new_empty(self.t, self.bh, dv)
+
     def gate_chunks(self, x):
         """``[B, T, Hv]`` -> ``[N, BH, C, 1]``, zero-padded at the end (g = 0 there: gamma_C stays the last real
         token's)."""
@@ -130,3 +136,14 @@ class ChunkLayout:
             return x.repeat_interleave(self.grp, 0)
         buf.view(-1, self.grp, *x.shape[1:]).copy_(x.unsqueeze(1))
         return buf
+
+
+def chunk_states(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """An empty ``[N, B*Hv, Dk, Dv]`` buffer for the chunk-start states a forward saves for its backward."""
+    b, t, _, dk = q.shape
+    return q.new_empty(-(-t // chunk_size), b * v.shape[2], dk, v.shape[3])
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd must see this call: grad mode is on and some tensor (None allowed) requires grad."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridattn.ops._chunking import ChunkLayout, batch_major, exp_flushed, token_major
+from hybridattn.ops._chunking import ChunkLayout, batch_major, chunk_states, exp_flushed, needs_grad, token_major
 
 def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
     """``(I + strict_lower(a))^-1 rhs`` (or ``(I + strict_lower(a))^-T rhs`` with ``transpose``) for ``[N, C, C]``
@@ -51,8 +51,7 @@ def chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, *, states=None):
     ch = ChunkLayout(q, k, v, g, chunk_size)
     betas = ch.gate_chunks(beta)
     dk, dv = k.shape[3], v.shape[3]
-    s = q.new_zeros(ch.bh, dk, dv) if h0 is None else h0.reshape(ch.bh, dk, dv).clone()
-    out = q.new_empty(ch.t, ch.bh, dv)
+    s, out = ch.start(h0, dk, dv)
     for i in range(ch.n):
         lo, hi = ch.bounds(i)
         qc, kc, vc, gexp, kdec, decay = ch(i)
@@ -153,8 +152,7 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunk_size):
-        n = -(-q.shape[1] // chunk_size)
-        states = q.new_empty(n, q.shape[0] * v.shape[2], k.shape[3], v.shape[3])
+        states = chunk_states(q, v, chunk_size)
         o, s = chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, states=states)
         ctx.save_for_backward(q, k, v, g, beta, states)
         ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, h0 is not None
@@ -174,8 +172,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, h0, scale, chunk_size):
     if q.shape[1] == 0:
         s = q.new_zeros(q.shape[0], v.shape[2], k.shape[3], v.shape[3]) if h0 is None else h0
         return v.new_zeros(q.shape[0], 0, v.shape[2], v.shape[3]), s
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, h0))
-    if not needs_grad:
+    if not needs_grad(q, k, v, g, beta, h0):
         return chunk_forward(q, k, v, g, beta, h0, scale, chunk_size)
     return ChunkGatedDeltaRule.apply(q, k, v, g, beta, h0, scale, chunk_size)
 

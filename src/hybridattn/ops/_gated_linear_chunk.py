@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridattn.ops._chunking import ChunkLayout, batch_major, token_major
+from hybridattn.ops._chunking import ChunkLayout, batch_major, chunk_states, needs_grad, token_major
 
 
 def chunk_forward(q, k, v, g, h0, scale, chunk_size, *, states=None):
@@ -31,8 +31,7 @@ def chunk_forward(q, k, v, g, h0, scale, chunk_size, *, states=None):
     Returns ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv])``."""
     ch = ChunkLayout(q, k, v, g, chunk_size)
     dk, dv = k.shape[3], v.shape[3]
-    s = q.new_zeros(ch.bh, dk, dv) if h0 is None else h0.reshape(ch.bh, dk, dv).clone()
-    out = q.new_empty(ch.t, ch.bh, dv)
+    s, out = ch.start(h0, dk, dv)
     for i in range(ch.n):
         lo, hi = ch.bounds(i)
         qc, kc, vc, gexp, kdec, decay = ch(i)
@@ -99,8 +98,7 @@ class ChunkScalarDecay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, chunk_size):
-        n = -(-q.shape[1] // chunk_size)
-        states = q.new_empty(n, q.shape[0] * q.shape[2], k.shape[3], v.shape[3])
+        states = chunk_states(q, v, chunk_size)
         o, s = chunk_forward(q, k, v, g, h0, scale, chunk_size, states=states)
         ctx.save_for_backward(q, k, v, g, states)
         ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, h0 is not None
@@ -118,7 +116,6 @@ def chunk_scalar_decay(q, k, v, g, h0, scale, chunk_size):
     """Differentiable streaming chunk form: ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv])`` from q, k
     ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, g ``[B, T, H]`` (log-decay) or None, h0 ``[B, H, Dk, Dv]`` or None,
     all in one float dtype; ``T >= 1``."""
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, h0))
-    if not needs_grad:
+    if not needs_grad(q, k, v, g, h0):
         return chunk_forward(q, k, v, g, h0, scale, chunk_size)
     return ChunkScalarDecay.apply(q, k, v, g, h0, scale, chunk_size)
