@@ -84,8 +84,10 @@ def _fwd_bwd(fn, inputs):
     return step
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv, description: str):
+    """The options and sizes shared by the linear-attention benchmarks (this one and ``linear_gla``); sets the
+    thread count. Returns ``(args, (B, T, H, D), memory lengths, decode-after lengths)``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not the targets")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     p.add_argument("--chunk-size", type=int, default=64)
@@ -94,9 +96,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    b, t, h, d = (1, 256, 2, 32) if args.quick else (1, 4096, 8, 128)
+    sizes = (1, 256, 2, 32) if args.quick else (1, 4096, 8, 128)
     lengths = (256, 512, 1024) if args.quick else (4096, 16384, 65536)
     decode_after = (64, 1024) if args.quick else (1024, 65536)
+    return args, sizes, lengths, decode_after
+
+
+def main(argv=None) -> int:
+    args, (b, t, h, d), lengths, decode_after = parse_args(argv, __doc__.split("\n")[0])
     c, reps = args.chunk_size, args.repeats
     peers = _peers()
     ours = lambda *x: gated_delta_rule(*x, chunk_size=c)  # noqa: E731

@@ -15,11 +15,10 @@ in chunk mode, each printed as a ratio measured in this run with PASS / MISS:
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
+from hybridattn.bench.linear import parse_args
 from hybridattn.bench.measure import (
     TargetRow, format_bytes, interleaved_medians, matmul_flops_per_second, median_time, peak_memory,
     print_table, print_targets,
@@ -63,17 +62,7 @@ def _fwd_bwd(fn, inputs, grad_out):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not the targets")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    b, t, h, d = (1, 256, 2, 32) if args.quick else (1, 4096, 8, 128)
-    lengths = (256, 512, 1024) if args.quick else (4096, 16384, 65536)
-    decode_after = (64, 1024) if args.quick else (1024, 65536)
+    args, (b, t, h, d), lengths, decode_after = parse_args(argv, __doc__.split("\n")[0])
     c, reps = args.chunk_size, args.repeats
     print(f"GLA family at B={b} T={t} H={h} Dk=Dv={d} fp32, chunk_size={c}, {torch.get_num_threads()} threads, "
           f"medians of {reps}")
