@@ -235,7 +235,7 @@ def run(q, k, v, g, *, scale, initial_state, output_final_state, mode, chunk_siz
                                   min(chunk_size, q.shape[1]))
         if cu_seqlens is not None:
             o = o[valid].unsqueeze(0)
-        return (o, s if output_final_state else None, None)[: 3 if return_attention else 2]
+        return o, (s if output_final_state else None)  # chunk mode never returns attention (validated)
     q, k, v = (x.transpose(1, 2).to(ct) for x in (q, k, v))  # [B, H, T, D]
     g = g.transpose(1, 2) if g is not None else None
     if mode == "recurrent":
