@@ -5,6 +5,7 @@ independent implementation."""
 from __future__ import annotations
 
 import inspect
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,27 @@ from hybridattn.ops import (
     naive_recurrent_gated_delta_rule,
 )
 
+from hybridattn.ops import _native
+
 FORMS = ("chunk", "parallel", "recurrent")
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def kernel(request):
+    """Every test runs twice: with the compiled CPU kernel (``ops/csrc``) and with the pure-PyTorch forms."""
+    if request.param == "torch":
+        with _native.disabled():
+            yield request.param
+    else:
+        yield request.param
+
+
+def test_native_kernel_builds(kernel):
+    """Where a C++ compiler exists the kernel must build: otherwise every "native" case above would silently test
+    the PyTorch forms twice."""
+    if kernel == "torch" or shutil.which("c++") is None or _native.os.environ.get("HYBRIDATTN_NATIVE") == "0":
+        pytest.skip("no C++ compiler on PATH, or HYBRIDATTN_NATIVE=0: the ops use the PyTorch forms")
+    assert _native.native_ops() is not None
 
 
 def make_inputs(b, t, hk, hv, dk, dv, *, dtype=torch.float64, gated=True, state=True, g_scale=1.0, seed=0):

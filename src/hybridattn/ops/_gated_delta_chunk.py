@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from hybridattn.ops import _native
 from hybridattn.ops._chunking import ChunkLayout, batch_major, chunk_states, exp_flushed, needs_grad, token_major
 
 def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
@@ -152,8 +153,12 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunk_size):
-        states = chunk_states(q, v, chunk_size)
-        o, s = chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, states=states)
+        native = native_forward(q, k, v, g, beta, h0, scale, chunk_size, save_states=True)
+        if native is not None:
+            o, s, states = native
+        else:
+            states = chunk_states(q, v, chunk_size)
+            o, s = chunk_forward(q, k, v, g, beta, h0, scale, chunk_size, states=states)
         ctx.save_for_backward(q, k, v, g, beta, states)
         ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, h0 is not None
         return o, s
@@ -166,6 +171,18 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         return dq, dk, dv, dg, dbeta, (dh0 if ctx.has_h0 else None), None, None
 
 
+def native_forward(q, k, v, g, beta, h0, scale, chunk_size, *, save_states=False):
+    """:func:`chunk_forward` by the compiled CPU kernel (``csrc/gated_delta.cpp``): ``(o, final_state, states)``,
+    ``states`` the chunk-start states ``[N, BH, Dk, Dv]`` when ``save_states`` (else empty). None where the kernel
+    cannot run (not built, not CPU, not float32/float64): the caller then uses :func:`chunk_forward`."""
+    ops = _native.native_ops() if _native.usable(q, k, v, g, beta, h0) else None
+    if ops is None:
+        return None
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    g = None if g is None else g.contiguous()
+    return tuple(ops.gdn_chunk_fwd(q, k, v, g, beta, h0, float(scale), int(chunk_size), save_states))
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, h0, scale, chunk_size):
     """The chunk form, differentiable: ``(o [B, T, Hv, Dv], final_state [B, Hv, Dk, Dv])``. Inputs as
     :func:`chunk_forward`, in one float dtype."""
@@ -173,7 +190,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, h0, scale, chunk_size):
         s = q.new_zeros(q.shape[0], v.shape[2], k.shape[3], v.shape[3]) if h0 is None else h0
         return v.new_zeros(q.shape[0], 0, v.shape[2], v.shape[3]), s
     if not needs_grad(q, k, v, g, beta, h0):
-        return chunk_forward(q, k, v, g, beta, h0, scale, chunk_size)
+        native = native_forward(q, k, v, g, beta, h0, scale, chunk_size)
+        return chunk_forward(q, k, v, g, beta, h0, scale, chunk_size) if native is None else native[:2]
     return ChunkGatedDeltaRule.apply(q, k, v, g, beta, h0, scale, chunk_size)
 
 

@@ -1,0 +1,83 @@
+"""hybridattn's compiled CPU kernels (``ops/csrc/*.cpp``), built on first use with the machine's C++ compiler and
+cached, as ``torch.ops.hybridattn.*``.
+
+Why compiled at all: the per-chunk work of the linear mechanisms is a dozen small products per chunk and head. From
+Python they run batched over heads, one op at a time, and on a CPU those ops are too small to use a second core;
+the kernels give each thread whole heads instead (see ``csrc/gated_delta.cpp``).
+
+Every kernel has a pure-PyTorch twin that the ops fall back to, with one warning, where no compiler is found or the
+build fails, and always for tensors that are not on the CPU or not float32/float64. Set
+``HYBRIDATTN_NATIVE=0`` to use the PyTorch forms everywhere; :func:`disabled` does the same inside a block (the
+tests compare both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_state: dict[str, object] = {"ops": None, "tried": False, "off": False}
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags: the kernels are built with ``-march=native``, so
+    a cache shared between different machines must not hand one machine's build to another."""
+    info = platform.machine()
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        info += "".join(sorted(set(lines)))
+    return hashlib.sha1(info.encode()).hexdigest()[:8]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    name = f"hybridattn_native_{_cpu_tag()}"
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is a header template
+    cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=os.environ.get("HYBRIDATTN_NATIVE_VERBOSE") == "1")
+    return torch.ops.hybridattn
+
+
+def native_ops():
+    """``torch.ops.hybridattn`` once the kernels are built, or None (disabled, or the build failed: warned once)."""
+    if _state["off"] or os.environ.get("HYBRIDATTN_NATIVE", "1") == "0":
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["ops"] = _build()
+        except Exception as err:  # no compiler, no ninja, headers missing: the PyTorch forms still work
+            warnings.warn(
+                f"hybridattn: building the compiled CPU kernels failed ({type(err).__name__}: {err}); using the "
+                "pure-PyTorch forms, which are slower on a CPU. Set HYBRIDATTN_NATIVE=0 to skip the build.",
+                RuntimeWarning, stacklevel=3,
+            )
+    return _state["ops"]
+
+
+def usable(*tensors) -> bool:
+    """Whether a compiled CPU kernel can take these tensors (None entries allowed): all on the CPU, all float32 or
+    all float64."""
+    xs = [x for x in tensors if x is not None]
+    dtype = xs[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(x.device.type == "cpu" and x.dtype == dtype for x in xs)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Use the pure-PyTorch forms inside the block."""
+    before = _state["off"]
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = before
