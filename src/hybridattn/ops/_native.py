@@ -40,7 +40,9 @@ def _cpu_tag() -> str:
 def _build():
     from torch.utils import cpp_extension
 
-    name = f"hybridattn_native_{_cpu_tag()}"
+    # One cache entry per CPU and per source text: two checkouts (or versions) never rebuild over each other.
+    sources = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:8]
+    name = f"hybridattn_native_{_cpu_tag()}_{sources}"
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is a header template
     cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=os.environ.get("HYBRIDATTN_NATIVE_VERBOSE") == "1")
