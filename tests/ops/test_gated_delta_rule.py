@@ -38,7 +38,7 @@ def test_native_kernel_builds(kernel):
     the PyTorch forms twice."""
     if kernel == "torch" or shutil.which("c++") is None or _native.os.environ.get("HYBRIDATTN_NATIVE") == "0":
         pytest.skip("no C++ compiler on PATH, or HYBRIDATTN_NATIVE=0: the ops use the PyTorch forms")
-    assert _native.native_ops() is not None
+    assert _native.native_ops("gated_delta") is not None
 
 
 def make_inputs(b, t, hk, hv, dk, dv, *, dtype=torch.float64, gated=True, state=True, g_scale=1.0, seed=0):

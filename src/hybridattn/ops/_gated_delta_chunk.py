@@ -175,7 +175,7 @@ def native_forward(q, k, v, g, beta, h0, scale, chunk_size, *, save_states=False
     """:func:`chunk_forward` by the compiled CPU kernel (``csrc/gated_delta.cpp``): ``(o, final_state, states)``,
     ``states`` the chunk-start states ``[N, BH, Dk, Dv]`` when ``save_states`` (else empty). None where the kernel
     cannot run (not built, not CPU, not float32/float64): the caller then uses :func:`chunk_forward`."""
-    ops = _native.native_ops() if _native.usable(q, k, v, g, beta, h0) else None
+    ops = _native.native_ops("gated_delta") if _native.usable(q, k, v, g, beta, h0) else None
     if ops is None:
         return None
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))

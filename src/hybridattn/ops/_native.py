@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
-_state: dict[str, object] = {"ops": None, "tried": False, "off": False}
+_CSRC = Path(__file__).parent / "csrc"
+_built: dict[str, object] = {}  # kernel file stem -> torch.ops.hybridattn, or None when its build failed
+_state = {"off": False}
 
 
 def _cpu_tag() -> str:
@@ -37,33 +38,35 @@ def _cpu_tag() -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
-def _build():
+def _build(kernel: str):
     from torch.utils import cpp_extension
 
-    # One cache entry per CPU and per source text: two checkouts (or versions) never rebuild over each other.
-    sources = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:8]
-    name = f"hybridattn_native_{_cpu_tag()}_{sources}"
+    source = _CSRC / f"{kernel}.cpp"
+    # One cache entry per kernel, CPU and source text: two checkouts (or versions) never rebuild over each other.
+    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:8]
+    name = f"hybridattn_{kernel}_{_cpu_tag()}_{digest}"
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is a header template
-    cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=os.environ.get("HYBRIDATTN_NATIVE_VERBOSE") == "1")
     return torch.ops.hybridattn
 
 
-def native_ops():
-    """``torch.ops.hybridattn`` once the kernels are built, or None (disabled, or the build failed: warned once)."""
+def native_ops(kernel: str):
+    """``torch.ops.hybridattn`` once ``csrc/<kernel>.cpp`` is built (each file is its own library, built on first
+    use), or None: disabled, or the build failed (warned once per kernel)."""
     if _state["off"] or os.environ.get("HYBRIDATTN_NATIVE", "1") == "0":
         return None
-    if not _state["tried"]:
-        _state["tried"] = True
+    if kernel not in _built:
+        _built[kernel] = None
         try:
-            _state["ops"] = _build()
+            _built[kernel] = _build(kernel)
         except Exception as err:  # no compiler, no ninja, headers missing: the PyTorch forms still work
             warnings.warn(
-                f"hybridattn: building the compiled CPU kernels failed ({type(err).__name__}: {err}); using the "
-                "pure-PyTorch forms, which are slower on a CPU. Set HYBRIDATTN_NATIVE=0 to skip the build.",
+                f"hybridattn: building the compiled CPU kernel {kernel!r} failed ({type(err).__name__}: {err}); "
+                "using the pure-PyTorch form, which is slower on a CPU. Set HYBRIDATTN_NATIVE=0 to skip the build.",
                 RuntimeWarning, stacklevel=3,
             )
-    return _state["ops"]
+    return _built[kernel]
 
 
 def usable(*tensors) -> bool:

@@ -223,7 +223,8 @@ std::vector<at::Tensor> gdn_chunk_fwd(const at::Tensor& q, const at::Tensor& k, 
 
 }  // namespace
 
-TORCH_LIBRARY(hybridattn, m) {
+// A fragment: every csrc file adds its ops to the one torch.ops.hybridattn namespace from its own library.
+TORCH_LIBRARY_FRAGMENT(hybridattn, m) {
   m.def("gdn_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor beta, Tensor? h0, float scale, "
         "int chunk_size, bool save_states) -> Tensor[]");
 }
