@@ -7,6 +7,7 @@ Two kinds of reference:
   recurrence as a loop), which check the layer math itself.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -152,6 +153,29 @@ def test_gated_deltanet_matches_qwen3_next_equations():
         layer.norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 29, 24)
     assert rel_err(layer(x), qwen3_next_gated_deltanet_reference(layer, x)) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gated_deltanet_decode_steps_match_qwen3_next_equations(dtype, tol):
+    """Prefill, then one-token steps: with the compiled decode step (``ops/csrc/gated_delta_decode.cpp``) and
+    with the PyTorch path, against the independent float64 equations (GVA, non-power-of-two dims)."""
+    from hybridattn.ops import _native
+
+    layer = build("gated_deltanet", CASES[0][1]).to(dtype)
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.A_log.uniform_(-2, 3)  # decays from mild to ~e^-20 per token
+    x = torch.randn(2, 19, 24, dtype=dtype)
+    reference = qwen3_next_gated_deltanet_reference(layer, x)
+    for native in (True, False):
+        with torch.no_grad(), contextlib.nullcontext() if native else _native.disabled():
+            cache = layer.new_cache(2)
+            outs = [layer(x[:, :6], cache=cache)]
+            if native and _native.native_ops("gated_delta_decode") is not None:
+                assert layer._can_decode_natively(x[:, :1], cache)
+            outs += [layer(x[:, t:t + 1], cache=cache) for t in range(6, 19)]
+        assert rel_err(torch.cat(outs, 1), reference) <= tol, native
+        assert cache.seen_tokens == 19 and cache.real_tokens.tolist() == [19, 19]
 
 
 def mamba2_reference(layer, x):

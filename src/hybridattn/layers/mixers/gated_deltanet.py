@@ -26,7 +26,7 @@ from hybridattn.layers.mixers.base import LinearMixer, linear_config_sizes, log_
 from hybridattn.layers.norms import GatedRMSNorm
 from hybridattn.layers.registry import register_mixer
 from hybridattn.layers.short_conv import ShortConvolution
-from hybridattn.ops import gated_delta_rule
+from hybridattn.ops import _native, gated_delta_rule
 
 
 class GatedDeltaNet(LinearMixer):
@@ -93,6 +93,8 @@ class GatedDeltaNet(LinearMixer):
         """
         token_mask = self._begin(x, cache, token_mask)
         b_, t, _ = x.shape
+        if t == 1 and token_mask is None and self._can_decode_natively(x, cache):
+            return self._decode_native(x, cache)
         q, k, v, z, b, a = self.project(x)
         qkv = torch.cat([q.reshape(b_, t, -1), k.reshape(b_, t, -1), v.reshape(b_, t, -1)], dim=-1)
         qkv = self._short_conv(qkv, cache, token_mask)
@@ -105,6 +107,31 @@ class GatedDeltaNet(LinearMixer):
         o = self._mix(gated_delta_rule, q, k, v, g, beta, cache=cache, token_mask=token_mask, use_qk_l2norm=True)
         o = self.norm(o, z)  # (B, T, Hv, Dv)
         return zero_padding(token_mask, self.out_proj(o.reshape(b_, t, self.value_dim)))
+
+
+    def _can_decode_natively(self, x, cache) -> bool:
+        """The compiled one-token step (``ops/csrc/gated_delta_decode.cpp``) covers inference with a cache, a
+        bias-free SiLU conv and one float dtype throughout (state included)."""
+        conv = self.conv1d
+        if cache is None or conv is None or conv.bias is not None or conv.activation != "silu":
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        tensors = (x, cache.state, cache.conv_tail, self.in_proj_qkvz.weight, conv.weight, self.A_log,
+                   self.norm.weight)
+        return _native.usable(*tensors) and _native.native_ops("gated_delta_decode") is not None
+
+    def _decode_native(self, x: torch.Tensor, cache) -> torch.Tensor:
+        b_ = x.shape[0]
+        qkvz = self.in_proj_qkvz(x).view(b_, self.num_k_heads, -1)
+        ba = self.in_proj_ba(x).view(b_, self.num_k_heads, -1)
+        state = cache.state if cache.state.is_contiguous() else cache.state.contiguous()
+        o, tail = _native.native_ops("gated_delta_decode").gdn_decode_step(
+            qkvz, ba, cache.conv_tail.contiguous(), self.conv1d.weight[:, 0].contiguous(), self.A_log,
+            self.dt_bias, state, self.norm.weight, self.head_k_dim**-0.5, self.norm.eps)
+        cache.conv_tail = tail
+        cache.advance(state, 1)  # the kernel updated the state in place; a copy onto itself when contiguous
+        return self.out_proj(o).view(b_, 1, -1)
 
 
 @register_mixer("gated_deltanet")
