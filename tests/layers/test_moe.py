@@ -59,6 +59,27 @@ def test_fast_float64_is_exact_to_rounding(case):
     torch.testing.assert_close(layer(x), naive_moe(layer, x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_inference_matches_float64_reference(case, dtype, tol):
+    """Without autograd, up to 8 tokens take the compiled path (``ops/csrc/moe_decode.cpp``), more tokens the
+    grouped GEMMs: both against the token-by-token float64 reference, router logits included."""
+    from hybridattn.ops import _native
+
+    b, t, d, e, k, i, shared, norm = case
+    layer = _layer(d, e, k, i, shared, norm).to(dtype)
+    x = torch.randn(b, t, d, dtype=dtype)
+    with torch.no_grad():
+        if b * t <= 8 and _native.native_ops("moe_decode") is not None:
+            assert layer._can_run_natively(x.reshape(-1, d))
+        out, logits = layer(x), layer.router_logits
+        ref_layer = copy.deepcopy(layer).double()
+        ref = naive_moe(ref_layer, x.double())
+        ref_logits = x.double().reshape(-1, d) @ ref_layer.router.weight.T
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(logits.double(), ref_logits, rtol=tol, atol=tol)
+
+
 @given(b=st.integers(1, 3), t=st.integers(1, 9), e=st.integers(1, 6), data=st.data())
 def test_property_random_shapes(b, t, e, data):
     k = data.draw(st.integers(1, e))

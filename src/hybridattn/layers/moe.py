@@ -27,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridattn.ops import _native
 from hybridattn.ops._checks import check_choice, check_positive_int, check_shape, check_tensor
+
+# Up to this many tokens the compiled matrix-vector path runs (decoding); beyond, the grouped GEMMs below win.
+_NATIVE_MAX_TOKENS = 8
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -178,6 +182,10 @@ class MoEFeedForward(nn.Module):
             check_tensor("token_mask", token_mask, floating=False)
             check_shape("token_mask", token_mask, x.shape[:-1])
         flat = x.reshape(-1, self.d_model)  # (N, d)
+        if flat.shape[0] <= _NATIVE_MAX_TOKENS and self._can_run_natively(flat):
+            out, logits = self._native_forward(flat)
+            self.router_logits, self._aux_mask = logits, token_mask
+            return out.reshape(x.shape)
         logits, weights, experts = self.route(flat)
         out = self._experts(flat, weights, experts)
         if self.shared_expert is not None:
@@ -191,6 +199,22 @@ class MoEFeedForward(nn.Module):
         if self.router_logits is None:
             return None
         return load_balancing_loss(self.router_logits, self.top_k, token_mask=self._aux_mask)
+
+    def _can_run_natively(self, flat: torch.Tensor) -> bool:
+        """The compiled few-token path (``ops/csrc/moe_decode.cpp``): inference, SwiGLU, one float dtype."""
+        if self.activation != "silu" or (torch.is_grad_enabled() and (
+                flat.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return False
+        return _native.usable(flat, *self.parameters()) and _native.native_ops("moe_decode") is not None
+
+    def _native_forward(self, flat: torch.Tensor):
+        s = self.shared_expert
+        shared = (None,) * 4 if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight,
+                                                self.shared_expert_gate.weight)
+        out, logits = _native.native_ops("moe_decode").moe_decode(
+            flat.contiguous(), self.router.weight, self.gate_up_proj, self.down_proj, self.top_k, self.norm_topk_prob,
+            *shared)
+        return out, logits
 
     def _experts(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         n, k = experts.shape
