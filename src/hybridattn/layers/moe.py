@@ -205,7 +205,8 @@ class MoEFeedForward(nn.Module):
         if self.activation != "silu" or (torch.is_grad_enabled() and (
                 flat.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return False
-        return _native.usable(flat, *self.parameters()) and _native.native_ops("moe_decode") is not None
+        return _native.usable(flat, self.router.weight, self.gate_up_proj, self.down_proj) and (
+            _native.native_ops("moe_decode") is not None)
 
     def _native_forward(self, flat: torch.Tensor):
         s = self.shared_expert

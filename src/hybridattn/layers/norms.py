@@ -43,6 +43,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float 
     check_tensor("x", x)
     if weight is not None and tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(f"weight: expected shape ({x.shape[-1]},) (the last dim of x), received {tuple(weight.shape)}")
+    if x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype):
+        # torch's fused kernel, same formula: half the time of the five ops below at decode sizes
+        w = None if weight is None else (1.0 + weight if zero_centered else weight)
+        return F.rms_norm(x, (x.shape[-1],), w, eps=eps)
     work = _work_dtype(x.dtype)
     h = x.to(work)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
