@@ -1,11 +1,32 @@
 """Block-sparse kernel: outputs and gradients against the float64 dense masked reference."""
 
+import shutil
+
 import pytest
 import torch
 
-from hybridattn.ops import masks
+from hybridattn.ops import _native, masks
 from hybridattn.ops.block_sparse_attention import _shift_needed, block_sparse_attention, cached_plan, plan_blocks
 from hybridattn.ops.softmax_attention import softmax_attention
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def kernel(request):
+    """Every test runs twice: with the compiled CPU forward (``ops/csrc/block_sparse.cpp``) and with the PyTorch
+    loop."""
+    if request.param == "torch":
+        with _native.disabled():
+            yield request.param
+    else:
+        yield request.param
+
+
+def test_native_kernel_builds(kernel):
+    """Where a C++ compiler exists the kernel must build: otherwise every "native" case would silently test the
+    PyTorch loop twice."""
+    if kernel == "torch" or shutil.which("c++") is None or _native.os.environ.get("HYBRIDATTN_NATIVE") == "0":
+        pytest.skip("no C++ compiler on PATH, or HYBRIDATTN_NATIVE=0: the ops use the PyTorch forms")
+    assert _native.native_ops("block_sparse") is not None
 
 
 def _reference(q, k, v, spec, scale=None):

@@ -30,8 +30,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hybridattn.ops import _native
 from hybridattn.ops._checks import check_positive_int, check_qkv
-from hybridattn.ops.block_sparse_plan import BlockGroup, BlockPlan, KeySegment, QueryBlock, cached_plan, plan_blocks
+from hybridattn.ops.block_sparse_plan import (
+    BlockGroup, BlockPlan, KeySegment, QueryBlock, cached_plan, native_layout, plan_blocks,
+)
 from hybridattn.ops.masks import EMPTY, FULL, Causal, Document, MaskSpec, Padding, _Combined, as_mask_spec
 from hybridattn.ops.softmax_attention import accumulation_dtype
 from hybridattn.ops.sparse_masks import BlockSparse, Fixed, GlobalTokens, _DistanceSpec
@@ -163,9 +166,15 @@ def _shift_needed(q, k, plan: BlockPlan, scale: float) -> list[bool]:
 
 
 class _BlockSparseSoftmax(torch.autograd.Function):
-    """Forward: per query block ``E = exp(s - m)``, ``l = rowsum(E)``, ``o = E v / l`` (saved: q, k, v, o, m, l).
-    Backward recomputes ``E`` per block; with ``do' = do / l`` and ``delta = rowsum(do' * o)``:
-    ``dv = E^T do'``, ``ds = E * (do' v^T - delta)``, ``dq = scale * ds k``, ``dk = scale * ds^T q``."""
+    """Forward: per query block ``E = exp(s - m)``, ``l = rowsum(E)``, ``o = E v / l`` (saved: q, k, v, m).
+    Backward recomputes ``E`` and ``l`` per block; with ``do' = do / l`` and ``delta = rowsum(E * do' v^T) / l``
+    (``= rowsum(do' * o)``): ``dv = E^T do'``, ``ds = E * (do' v^T - delta)``, ``dq = scale * ds k``,
+    ``dk = scale * ds^T q``.
+
+    Why ``l`` and ``delta`` come from the backward's own ``E`` rather than the forward's ``l`` and ``o``: the
+    compiled forward rounds ``s`` differently (other GEMM kernels), and exp() turns an ulp of a logit of 30 into
+    a relative 2e-6 of a weight; gradients built from a mix of the two roundings were off by 3e-5 where each
+    consistent set is within 1e-5."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockPlan, scale: float):
@@ -174,6 +183,12 @@ class _BlockSparseSoftmax(torch.autograd.Function):
         g = hq // hkv
         acc = accumulation_dtype(q.dtype)
         shifted = _shift_needed(q, k, plan, scale)
+        native = _native_forward(q, k, v, plan, scale, shifted)
+        if native is not None:
+            out, shift, _ = native
+            ctx.save_for_backward(q, k, v, shift)
+            ctx.plan, ctx.scale, ctx.shifted = plan, scale, shifted
+            return out
         out = q.new_zeros(b, tq, hq, dv)  # rows without any kept key stay zero
         shift = torch.zeros(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row shift m, (t, g) row order
         norm = torch.ones(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row sum l
@@ -198,14 +213,14 @@ class _BlockSparseSoftmax(torch.autograd.Function):
                 _zero_row_outputs(o, grp, blk, i)
                 dest = _head_rows(out[i], blk, hkv)
                 torch.div(o.view(dest.shape), l.view(hkv, blk.rows, g, 1), out=dest)
-        ctx.save_for_backward(q, k, v, out, shift, norm)
+        ctx.save_for_backward(q, k, v, shift)
         ctx.plan, ctx.scale, ctx.shifted = plan, scale, shifted
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, shift, norm = ctx.saved_tensors
+        q, k, v, shift = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         b, _, hq, d = q.shape
         hkv, dv = k.shape[2], v.shape[3]
@@ -215,21 +230,28 @@ class _BlockSparseSoftmax(torch.autograd.Function):
         dk, dvv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
         scratch = _Scratch(acc, q.device)
         for i in range(b):
-            qi, ki, vi, oi, doi = q[i].to(acc), k[i].to(acc), v[i].to(acc), out[i].to(acc), grad_out[i].to(acc)
+            qi, ki, vi, doi = q[i].to(acc), k[i].to(acc), v[i].to(acc), grad_out[i].to(acc)
             for blk, exact in zip(plan.blocks, ctx.shifted):
                 grp, rows, n = plan.groups[blk.group], slice(blk.start * g, (blk.start + blk.rows) * g), blk.rows * g
                 qv = _matrix(qi, blk, hkv, scratch, "q")
                 weights, _ = _weights(qv, ki, grp, blk, i, scale, shift[i, :, rows] if exact else False, scratch)
+                norm = scratch("l", hkv, n, 1)
+                for j, (e, _) in enumerate(weights):
+                    torch.sum(e, -1, keepdim=True, out=norm) if j == 0 else norm.add_(e.sum(-1, keepdim=True))
                 do = scratch("do", hkv, blk.rows, g, dv)
-                torch.div(_head_rows(doi, blk, hkv), norm[i, :, rows].view(hkv, blk.rows, g, 1), out=do)
+                torch.div(_head_rows(doi, blk, hkv), norm.view(hkv, blk.rows, g, 1), out=do)
                 do = do.view(hkv, n, dv)  # do' = do / l
                 _zero_row_outputs(do, grp, blk, i)
-                delta = (do.view(hkv, blk.rows, g, dv) * _head_rows(oi, blk, hkv)).sum(-1).view(hkv, n, 1)
+                dps = [torch.bmm(do, _keys(vi, seg, scratch, f"v{j}").transpose(1, 2),
+                                 out=scratch(f"ds{j}", hkv, n, seg.width)) for j, seg in enumerate(blk.segments)]
+                delta = scratch("delta", hkv, n, 1)
+                for j, ((e, _), dp) in enumerate(zip(weights, dps)):
+                    ed = torch.mul(e, dp, out=scratch("ed", *e.shape)).sum(-1, keepdim=True)
+                    delta.copy_(ed) if j == 0 else delta.add_(ed)
+                delta.div_(norm)
                 dqs = scratch("dq", hkv, n, d)
-                for j, ((e, kk), seg) in enumerate(zip(weights, blk.segments)):
-                    vv = _keys(vi, seg, scratch, f"v{j}")
+                for j, ((e, kk), seg, ds) in enumerate(zip(weights, blk.segments, dps)):
                     _add_keys(dvv[i], seg, torch.bmm(e.transpose(1, 2), do, out=scratch("dkv", hkv, seg.width, dv)))
-                    ds = torch.bmm(do, vv.transpose(1, 2), out=scratch("ds", hkv, n, seg.width))
                     ds.sub_(delta).mul_(e)
                     if j == 0:
                         torch.bmm(ds, kk, out=dqs)
@@ -240,6 +262,24 @@ class _BlockSparseSoftmax(torch.autograd.Function):
                 dest = _head_rows(dq[i], blk, hkv)
                 torch.mul(dqs.view(dest.shape), scale, out=dest)
         return dq, dk.to(k.dtype), dvv.to(v.dtype), None, None
+
+
+def _native_forward(q, k, v, plan: BlockPlan, scale: float, shifted: list[bool]):
+    """The forward by the compiled CPU kernel (``csrc/block_sparse.cpp``): ``(out, shift, norm)`` exactly as the
+    PyTorch loop saves them, or None where the kernel cannot run (not built, not CPU, not float32/float64)."""
+    ops = _native.native_ops("block_sparse") if _native.usable(q, k, v) else None
+    if ops is None:
+        return None
+    layout = native_layout(plan)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    b, tq, hq, _ = q.shape
+    hkv, dv = k.shape[2], v.shape[3]
+    rows = tq * (hq // hkv)
+    out = q.new_empty(b, tq, hq, dv) if layout.covers_all else q.new_zeros(b, tq, hq, dv)
+    shift, norm = q.new_zeros(b, hkv, rows, 1), q.new_ones(b, hkv, rows, 1)
+    ops.block_sparse_fwd(q, k, v, layout.items, layout.pieces, layout.masks(q.dtype),
+                         torch.tensor(shifted, dtype=torch.uint8), scale, out, shift, norm)
+    return out, shift, norm
 
 
 def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None,

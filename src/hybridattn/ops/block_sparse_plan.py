@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from hybridattn.ops.masks import EMPTY, FULL, MaskSpec
 
-__all__ = ["BlockGroup", "BlockPlan", "KeySegment", "QueryBlock", "cached_plan", "plan_blocks"]
+__all__ = ["BlockGroup", "BlockPlan", "KeySegment", "NativeLayout", "QueryBlock", "cached_plan", "native_layout",
+           "plan_blocks"]
 
 
 @dataclass
@@ -248,3 +249,72 @@ def cached_plan(spec: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: 
             per_spec.pop(next(iter(per_spec)))
         per_spec[key] = plan_blocks(spec, q_len, kv_len, block_q, block_k, device=device)
     return per_spec[key]
+
+
+#: the compiled kernel masks columns only where some row of the block drops them, judged per aligned run of this
+#: many columns: finer would split a block's keys into many short pieces, coarser would mask more columns
+MASK_GRAIN = 16
+
+
+@dataclass
+class NativeLayout:
+    """A plan flattened for the compiled kernel (``csrc/block_sparse.cpp``, which documents the fields):
+    ``items [N, 6]`` int64 per query block of ``plan.blocks``, ``pieces [P, 3]`` int64 contiguous key ranges,
+    ``covers_all`` whether the items cover every query row (else the output must start zeroed)."""
+
+    items: torch.Tensor
+    pieces: torch.Tensor
+    covers_all: bool
+    groups: list[BlockGroup]
+
+    def masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each group's keep mask as 0 / 1 in ``dtype`` (empty where every tile is FULL), made once per dtype."""
+        empty = torch.empty(0, dtype=dtype)
+        return [empty if grp.keep is None else
+                grp._cached(("native", dtype), lambda grp=grp: grp.keep.to("cpu", dtype).contiguous())
+                for grp in self.groups]
+
+
+def _pieces(tokens: torch.Tensor, cols: torch.Tensor, col_full: torch.Tensor | None) -> list[list[int]]:
+    """``[key, width, mask_col]`` rows for one segment read at ``tokens`` (mask columns ``cols``): split where the
+    tokens stop being consecutive or the fully-kept flag changes; ``mask_col`` is -1 where no row drops a key."""
+    fresh = torch.ones_like(tokens, dtype=torch.bool)
+    fresh[1:] = tokens[1:] != tokens[:-1]  # a gathered last block repeats the last key past the end (masked)
+    tokens, cols = tokens[fresh], cols[fresh]
+    n = len(tokens)
+    if col_full is None:
+        full = torch.ones(n, dtype=torch.bool)
+    else:
+        pad = -n % MASK_GRAIN
+        full = F.pad(col_full[cols], (0, pad), value=True).view(-1, MASK_GRAIN).all(1)
+        full = full.repeat_interleave(MASK_GRAIN)[:n]
+    start = torch.ones(n, dtype=torch.bool)
+    start[1:] = (tokens[1:] != tokens[:-1] + 1) | (full[1:] != full[:-1])
+    first = torch.nonzero(start).flatten().tolist() + [n]
+    return [[int(tokens[a]), b - a, -1 if bool(full[a]) else int(cols[a])] for a, b in zip(first[:-1], first[1:])]
+
+
+def native_layout(plan: BlockPlan) -> NativeLayout:
+    """The plan's ``NativeLayout``, made once per plan."""
+    layout = getattr(plan, "_native", None)
+    if layout is not None:
+        return layout
+    items, pieces, covered = [], [], 0
+    for blk in plan.blocks:
+        keep = plan.groups[blk.group].keep
+        col_full = None
+        if keep is not None:
+            col_full = keep[:, blk.index if keep.shape[1] > 1 else 0, :, :blk.rows].flatten(0, 2).all(0).cpu()
+        first = len(pieces)
+        for seg in blk.segments:
+            if isinstance(seg.keys, slice):
+                tokens = torch.arange(seg.keys.start, seg.keys.stop)
+            else:
+                tokens = seg.keys.cpu()
+            pieces += _pieces(tokens, seg.offset + torch.arange(len(tokens)), col_full)
+        items.append([blk.start, blk.rows, first, len(pieces), blk.group, blk.index])
+        covered += blk.rows
+    layout = NativeLayout(torch.tensor(items, dtype=torch.int64).view(-1, 6),
+                          torch.tensor(pieces, dtype=torch.int64).view(-1, 3), covered == plan.q_len, plan.groups)
+    plan._native = layout
+    return layout

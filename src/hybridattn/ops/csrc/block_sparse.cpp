@@ -1,0 +1,376 @@
+// The block-sparse softmax attention forward on a CPU, one (batch row, key head, query block) per task.
+//
+// Same algorithm and saved statistics as ops/block_sparse_attention.py::_BlockSparseSoftmax.forward (read its
+// docstring); why it exists: there every step of a query block is a separate torch op on a [H, 64, ~600] tile
+// (matmul, exp, mask multiply, row sum, division) -- about ten passes over the tile through op dispatch, all
+// batched over heads, so a second core gets tiles too small to split. Here a thread takes whole query blocks,
+// runs S = Q K^T and E V as single-threaded BLAS calls straight on k / v (a contiguous key range is a matrix with
+// row stride Hkv * D: no gather), and does the exp, the mask and the row sum in one pass over S while it is in L1 / L2.
+//
+// Plan (built once per BlockPlan by block_sparse_plan.py::native_layout): items [N, 6] per query block
+// (q_start, rows, piece_begin, piece_end, group, mask_row) and pieces [P, 3] (key_start, width, mask_col): the
+// block's keys as contiguous ranges, each either fully kept (mask_col -1, no masking) or masked by columns
+// [mask_col, mask_col + width) of masks[group] [Bm, Gm, Hm, bq, X] (0 / 1 in the compute dtype; row mask_row of
+// its G dimension). shifted [N] (uint8): whether the block needs the row-max shift (else m = 0: every logit is
+// bounded by EXP_SAFE, see _shift_needed).
+//
+// Outputs, written in place: out [B, Tq, Hq, Dv]; m, l [B, Hkv, Tq * G] (row shift and row sum, rows in (t, g)
+// order: the backward's input). Rows that keep no key get out = 0, m = 0, l = 1 (finite for the backward, which
+// zeroes them). Rows of query blocks not in items are left as the caller initialised them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*);
+}
+
+namespace {
+
+// As ops/block_sparse_attention.py EXP_SAFE: shifted logits are clamped to [-40, 0], so kept keys weigh at least
+// e^-40 (never subnormal) and the backward, which clamps the same way, recomputes the same weights.
+constexpr double kExpSafe = 40.0;
+// Columns of S per pass: a 64-row block's S stays in L2 however many keys the block reads (global tokens' rows
+// read all of them); longer key lists take several passes with the online-softmax rescale.
+constexpr int64_t kChunk = 1024;
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                      const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C (BLAS is column-major: C^T = op(B)^T op(A)^T).
+template <typename T>
+inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
+  const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
+  blas_gemm(&trb, &tra, &n_, &m_, &k_, &alpha, b, &ldb_, a, &lda_, &beta, c, &ldc_);
+}
+
+// One row of one piece: s <- exp(s - shift) (clamped to [-EXP_SAFE, 0] when shifted), times keep when masked;
+// returns the row sum. Templated on both flags so that each inner loop is branch-free.
+template <typename T, bool kShifted, bool kMasked>
+inline T exp_row(T* s, const T* keep, int64_t n, T shift) {
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    T x = s[j] - shift;
+    if (kShifted) x = std::min(std::max(x, T(-kExpSafe)), T(0));
+    T e = std::exp(x);
+    if (kMasked) e *= keep[j];
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+#if defined(__AVX512F__)
+// The float row with AVX-512: the exp is ~20 instructions per 16 entries, against 4 * D = 256 FLOPs of GEMM per
+// entry (std::exp is a scalar libm call per element and gcc does not vectorise it without -ffast-math). Cephes'
+// expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for exactness), e^r by a degree-6 polynomial, then
+// scalef by 2^n; about 1 ulp over [-87, 88], where x is clamped (exp(-87) is still a normal float).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  const __m512 z = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+template <bool kShifted, bool kMasked>
+inline __m512 exp_step(__m512 x, __m512 shift, const float* keep, __mmask16 lanes) {
+  x = _mm512_sub_ps(x, shift);
+  if (kShifted) x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-float(kExpSafe))), _mm512_setzero_ps());
+  __m512 e = exp16(x);
+  if (kMasked) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(lanes, keep));
+  return e;
+}
+
+template <bool kShifted, bool kMasked>
+inline float exp_row_f32(float* s, const float* keep, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp_step<kShifted, kMasked>(_mm512_loadu_ps(s + j), sh, keep + j, 0xFFFF);
+    _mm512_storeu_ps(s + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (j < n) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 e = exp_step<kShifted, kMasked>(_mm512_maskz_loadu_ps(lanes, s + j), sh, keep + j, lanes);
+    _mm512_mask_storeu_ps(s + j, lanes, e);
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(lanes, e));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+template <>
+inline float exp_row<float, false, false>(float* s, const float* keep, int64_t n, float shift) {
+  return exp_row_f32<false, false>(s, keep, n, shift);
+}
+template <>
+inline float exp_row<float, false, true>(float* s, const float* keep, int64_t n, float shift) {
+  return exp_row_f32<false, true>(s, keep, n, shift);
+}
+template <>
+inline float exp_row<float, true, false>(float* s, const float* keep, int64_t n, float shift) {
+  return exp_row_f32<true, false>(s, keep, n, shift);
+}
+template <>
+inline float exp_row<float, true, true>(float* s, const float* keep, int64_t n, float shift) {
+  return exp_row_f32<true, true>(s, keep, n, shift);
+}
+#endif
+
+template <typename T>
+inline T max_row(const T* s, const T* keep, int64_t n, T start) {
+  T mx = start;
+  if (keep) {
+    for (int64_t j = 0; j < n; ++j)
+      if (keep[j] != T(0)) mx = std::max(mx, s[j]);
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  }
+  return mx;
+}
+
+struct Piece {
+  int64_t key, width, mask_col;
+};
+
+template <typename T>
+struct Work {  // one thread's buffers, reused for every query block it owns
+  std::vector<T> q, s, o, m, l;
+  std::vector<Piece> pieces;
+  Work(int64_t rows, int64_t d, int64_t dv) : q(rows * d), s(rows * kChunk), o(rows * dv), m(rows), l(rows) {}
+};
+
+struct Layout {  // sizes and strides of one call
+  int64_t tq, tk, hq, hkv, g, d, dv;
+};
+
+// Runs ``fn(first, count)`` for each maximal run of pieces [first, first + count) whose keys are contiguous: one
+// GEMM per run rather than per piece.
+template <typename F>
+inline void for_key_runs(const std::vector<Piece>& p, size_t lo, size_t hi, F fn) {
+  while (lo < hi) {
+    size_t end = lo + 1;
+    while (end < hi && p[end].key == p[end - 1].key + p[end - 1].width) ++end;
+    fn(lo, end);
+    lo = end;
+  }
+}
+
+template <typename T>
+void forward_block(const T* q, const T* k, const T* v, const int64_t* item, const Piece* pieces_in,
+                   const T* mask, int64_t mask_stride_h, int64_t bq, int64_t mask_cols, bool shifted, T scale,
+                   const Layout& lay, int64_t kvh, T* out, T* m_out, T* l_out, Work<T>& w) {
+  const int64_t start = item[0], rows = item[1], g = lay.g, n = rows * g, d = lay.d, dv = lay.dv;
+  const int64_t ldq = lay.hq * d, ldk = lay.hkv * d, ldv = lay.hkv * dv, ldo = lay.hq * dv;
+  // Q rows in (t, g) order: with GQA the G query heads of a key head are extra rows of one GEMM (copied, as
+  // their rows are not evenly spaced). The scale goes into the GEMM's alpha, not into q: the backward recomputes
+  // S as alpha (q k^T) and any difference in its rounding would reach the gradients amplified by exp().
+  const T* qb = q + start * ldq + kvh * g * d;
+  int64_t ldqb = ldq;
+  if (g > 1) {
+    T* dst = w.q.data();
+    for (int64_t t = 0; t < rows; ++t) std::copy(qb + t * ldq, qb + t * ldq + g * d, dst + t * g * d);
+    qb = dst;
+    ldqb = d;
+  }
+  // Pieces split at kChunk columns, then grouped into passes of at most kChunk columns.
+  w.pieces.clear();
+  for (int64_t p = item[2]; p < item[3]; ++p) {
+    Piece pc = pieces_in[p - item[2]];
+    while (pc.width > 0) {
+      const int64_t wd = std::min(pc.width, kChunk);
+      w.pieces.push_back({pc.key, wd, pc.mask_col});
+      pc.key += wd;
+      pc.width -= wd;
+      if (pc.mask_col >= 0) pc.mask_col += wd;
+    }
+  }
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T* mrow = w.m.data();
+  T* lrow = w.l.data();
+  T* o = w.o.data();
+  T* s = w.s.data();
+  std::fill(mrow, mrow + n, shifted ? neg_inf : T(0));
+  std::fill(lrow, lrow + n, T(0));
+  bool first = true;
+  // mask row of query row (t, j): its head's plane when the mask has one per head
+  auto keep_row = [&](int64_t t, int64_t j) {
+    return mask + (mask_stride_h ? (kvh * g + j) * mask_stride_h : 0) + t * mask_cols;
+  };
+  for (size_t lo = 0; lo < w.pieces.size();) {
+    size_t hi = lo;
+    int64_t cols = 0;
+    while (hi < w.pieces.size() && cols + w.pieces[hi].width <= kChunk) cols += w.pieces[hi++].width;
+    // S[:, c] = (scale q) k^T over this pass's keys
+    int64_t c0 = 0;
+    for_key_runs(w.pieces, lo, hi, [&](size_t a, size_t b) {
+      int64_t width = 0;
+      for (size_t p = a; p < b; ++p) width += w.pieces[p].width;
+      mm<T>(false, true, n, width, d, scale, qb, ldqb, k + w.pieces[a].key * ldk + kvh * d, ldk, T(0), s + c0, kChunk);
+      c0 += width;
+    });
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t r = t * g + j;
+        T* sr = s + r * kChunk;
+        if (shifted) {  // online softmax: the running maximum over kept keys, earlier passes rescaled
+          T mx = mrow[r];
+          int64_t c = 0;
+          for (size_t p = lo; p < hi; c += w.pieces[p++].width) {
+            const Piece& pc = w.pieces[p];
+            mx = max_row<T>(sr + c, pc.mask_col < 0 ? nullptr : keep_row(t, j) + pc.mask_col, pc.width, mx);
+          }
+          if (mx > mrow[r]) {
+            const T alpha = mrow[r] == neg_inf ? T(0) : std::exp(std::max(mrow[r] - mx, T(-2 * kExpSafe)));
+            if (!first) {
+              lrow[r] *= alpha;
+              for (int64_t x = 0; x < dv; ++x) o[r * dv + x] *= alpha;
+            }
+            mrow[r] = mx;
+          }
+        }
+        const T shift = mrow[r];
+        T sum = 0;
+        int64_t c = 0;
+        for (size_t p = lo; p < hi; c += w.pieces[p++].width) {
+          const Piece& pc = w.pieces[p];
+          if (pc.mask_col < 0) {
+            sum += shifted ? exp_row<T, true, false>(sr + c, nullptr, pc.width, shift)
+                           : exp_row<T, false, false>(sr + c, nullptr, pc.width, shift);
+          } else {
+            const T* keep = keep_row(t, j) + pc.mask_col;
+            sum += shifted ? exp_row<T, true, true>(sr + c, keep, pc.width, shift)
+                           : exp_row<T, false, true>(sr + c, keep, pc.width, shift);
+          }
+        }
+        lrow[r] += sum;
+      }
+    // O (+)= E v over this pass's keys
+    c0 = 0;
+    for_key_runs(w.pieces, lo, hi, [&](size_t a, size_t b) {
+      int64_t width = 0;
+      for (size_t p = a; p < b; ++p) width += w.pieces[p].width;
+      mm<T>(false, false, n, dv, width, T(1), s + c0, kChunk, v + w.pieces[a].key * ldv + kvh * dv, ldv,
+            first ? T(0) : T(1), o, dv);
+      first = false;
+      c0 += width;
+    });
+    lo = hi;
+  }
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t j = 0; j < g; ++j) {
+      const int64_t r = t * g + j, row = (start + t) * g + j;
+      T* dst = out + (start + t) * ldo + (kvh * g + j) * dv;
+      if (first || lrow[r] == T(0)) {  // no kept key (l = 0 exactly: a kept key weighs at least e^-40)
+        std::fill(dst, dst + dv, T(0));
+        m_out[row] = 0;
+        l_out[row] = 1;
+      } else {
+        const T inv = T(1) / lrow[r];
+        for (int64_t x = 0; x < dv; ++x) dst[x] = o[r * dv + x] * inv;
+        m_out[row] = mrow[r];
+        l_out[row] = lrow[r];
+      }
+    }
+}
+
+void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& items,
+                      const at::Tensor& pieces, const at::TensorList masks, const at::Tensor& shifted, double scale,
+                      at::Tensor& out, at::Tensor& m, at::Tensor& l) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous() &&
+                  m.is_contiguous() && l.is_contiguous(),
+              "block_sparse_fwd: q, k, v, out, m, l must be contiguous");
+  TORCH_CHECK(items.scalar_type() == at::kLong && pieces.scalar_type() == at::kLong &&
+                  shifted.scalar_type() == at::kByte && items.is_contiguous() && pieces.is_contiguous(),
+              "block_sparse_fwd: items / pieces must be contiguous int64, shifted uint8");
+  const int64_t b = q.size(0), nitems = items.size(0);
+  Layout lay{q.size(1), k.size(1), q.size(2), k.size(2), q.size(2) / k.size(2), q.size(3), v.size(3)};
+  int64_t max_rows = 1;
+  const int64_t* it = items.data_ptr<int64_t>();
+  for (int64_t i = 0; i < nitems; ++i) max_rows = std::max(max_rows, it[i * 6 + 1]);
+  const uint8_t* sh = shifted.data_ptr<uint8_t>();
+  const Piece* pc = reinterpret_cast<const Piece*>(pieces.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "block_sparse_fwd", [&] {
+    using T = scalar_t;
+    std::vector<at::Tensor> mk(masks.begin(), masks.end());
+    for (auto& x : mk) {
+      TORCH_CHECK(x.numel() == 0 || (x.dim() == 5 && x.scalar_type() == q.scalar_type() && x.is_contiguous()),
+                  "block_sparse_fwd: masks must be empty or contiguous [Bm, Gm, Hm, bq, X] of q's dtype");
+    }
+    const T* qp = q.data_ptr<T>();
+    const T* kp = k.data_ptr<T>();
+    const T* vp = v.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    T* mp = m.data_ptr<T>();
+    T* lp = l.data_ptr<T>();
+    // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
+    at::parallel_for(0, b * lay.hkv * nitems, 1, [&](int64_t begin, int64_t end) {
+      Work<T> w(max_rows * lay.g, lay.d, lay.dv);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t i = task % nitems, kvh = (task / nitems) % lay.hkv, bi = task / (nitems * lay.hkv);
+        const int64_t* itm = it + i * 6;
+        const T* mask = nullptr;
+        int64_t stride_h = 0, bq = 0, cols = 0;
+        const at::Tensor& mt = mk[itm[4]];
+        if (mt.numel()) {
+          const int64_t bm = mt.size(0), gm = mt.size(1), hm = mt.size(2);
+          bq = mt.size(3);
+          cols = mt.size(4);
+          stride_h = hm > 1 ? bq * cols : 0;
+          mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
+        }
+        const int64_t qoff = bi * lay.tq * lay.hq * lay.d, koff = bi * lay.tk * lay.hkv * lay.d;
+        const int64_t voff = bi * lay.tk * lay.hkv * lay.dv, ooff = bi * lay.tq * lay.hq * lay.dv;
+        const int64_t soff = (bi * lay.hkv + kvh) * lay.tq * lay.g;
+        forward_block<T>(qp + qoff, kp + koff, vp + voff, itm, pc + itm[2], mask, stride_h, bq, cols, sh[i] != 0,
+                         static_cast<T>(scale), lay, kvh, op + ooff, mp + soff, lp + soff, w);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hybridattn, m) {
+  m.def("block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor items, Tensor pieces, Tensor[] masks, "
+        "Tensor shifted, float scale, Tensor(a!) out, Tensor(b!) m, Tensor(c!) l) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(hybridattn, CPU, m) { m.impl("block_sparse_fwd", &block_sparse_fwd); }
