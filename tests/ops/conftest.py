@@ -114,3 +114,16 @@ def forms():
     return SimpleNamespace(run=run_form, assert_close=assert_results_close, rel_err=rel_max_err, check=check_forms,
                            prefill_then_decode=check_prefill_then_decode, varlen=check_varlen,
                            attention_matrix=check_attention_matrix, bfloat16=check_bfloat16)
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel(request):
+    """Run a test with the compiled CPU kernels (``ops/csrc``, where they build) and with the pure-PyTorch forms;
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("kernel")``."""
+    from hybridattn.ops import _native
+
+    if request.param == "torch":
+        with _native.disabled():
+            yield request.param
+    else:
+        yield request.param

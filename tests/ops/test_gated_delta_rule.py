@@ -23,14 +23,8 @@ from hybridattn.ops import _native
 FORMS = ("chunk", "parallel", "recurrent")
 
 
-@pytest.fixture(params=["native", "torch"], autouse=True)
-def kernel(request):
-    """Every test runs twice: with the compiled CPU kernel (``ops/csrc``) and with the pure-PyTorch forms."""
-    if request.param == "torch":
-        with _native.disabled():
-            yield request.param
-    else:
-        yield request.param
+# Every test runs twice: with the compiled CPU kernel (ops/csrc) and with the pure-PyTorch forms.
+pytestmark = pytest.mark.usefixtures("kernel")
 
 
 def test_native_kernel_builds(kernel):

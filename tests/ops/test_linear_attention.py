@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 from hybridattn.ops import FavorPlusFeatures, linear_attention
 
+# Every test runs with the compiled CPU kernel (ops/csrc) and with the pure-PyTorch forms.
+pytestmark = pytest.mark.usefixtures("kernel")
+
 B, T, HK, HV, DK, DV, C = 2, 63, 2, 4, 12, 10, 16
 
 

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 from hybridattn.ops import retention, simple_gla
 
+# Every test runs with the compiled CPU kernel (ops/csrc) and with the pure-PyTorch forms.
+pytestmark = pytest.mark.usefixtures("kernel")
+
 # (B, T, Hk, Hv, Dk, Dv, chunk_size)
 SHAPES = [
     (1, 1, 1, 1, 8, 8, 16),

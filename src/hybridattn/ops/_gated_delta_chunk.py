@@ -173,13 +173,14 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
 
 def native_forward(q, k, v, g, beta, h0, scale, chunk_size, *, save_states=False):
     """:func:`chunk_forward` by the compiled CPU kernel (``csrc/gated_delta.cpp``): ``(o, final_state, states)``,
-    ``states`` the chunk-start states ``[N, BH, Dk, Dv]`` when ``save_states`` (else empty). None where the kernel
-    cannot run (not built, not CPU, not float32/float64): the caller then uses :func:`chunk_forward`."""
+    ``states`` the chunk-start states ``[N, BH, Dk, Dv]`` when ``save_states`` (else empty). With ``beta=None`` it
+    is the scalar-decay linear attention of ``_gated_linear_chunk`` instead. None where the kernel cannot run (not
+    built, not CPU, not float32/float64): the caller then uses its PyTorch form."""
     ops = _native.native_ops("gated_delta") if _native.usable(q, k, v, g, beta, h0) else None
     if ops is None:
         return None
-    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
-    g = None if g is None else g.contiguous()
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    g, beta = (None if x is None else x.contiguous() for x in (g, beta))
     return tuple(ops.gdn_chunk_fwd(q, k, v, g, beta, h0, float(scale), int(chunk_size), save_states))
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from hybridattn.ops._chunking import ChunkLayout, batch_major, chunk_states, needs_grad, token_major
+from hybridattn.ops._gated_delta_chunk import native_forward
 
 
 def chunk_forward(q, k, v, g, h0, scale, chunk_size, *, states=None):
@@ -98,8 +99,12 @@ class ChunkScalarDecay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, chunk_size):
-        states = chunk_states(q, v, chunk_size)
-        o, s = chunk_forward(q, k, v, g, h0, scale, chunk_size, states=states)
+        native = native_forward(q, k, v, g, None, h0, scale, chunk_size, save_states=True)
+        if native is not None:
+            o, s, states = native
+        else:
+            states = chunk_states(q, v, chunk_size)
+            o, s = chunk_forward(q, k, v, g, h0, scale, chunk_size, states=states)
         ctx.save_for_backward(q, k, v, g, states)
         ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, h0 is not None
         return o, s
@@ -117,5 +122,6 @@ def chunk_scalar_decay(q, k, v, g, h0, scale, chunk_size):
     ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, g ``[B, T, H]`` (log-decay) or None, h0 ``[B, H, Dk, Dv]`` or None,
     all in one float dtype; ``T >= 1``."""
     if not needs_grad(q, k, v, g, h0):
-        return chunk_forward(q, k, v, g, h0, scale, chunk_size)
+        native = native_forward(q, k, v, g, None, h0, scale, chunk_size)
+        return chunk_forward(q, k, v, g, h0, scale, chunk_size) if native is None else native[:2]
     return ChunkScalarDecay.apply(q, k, v, g, h0, scale, chunk_size)

@@ -6,8 +6,11 @@
 // heads and walks their chunks with single-threaded BLAS calls on operands that stay in its L2, and no op
 // dispatch runs between them.
 //
+// Without beta the same pass is the chunk form of the scalar-decay gated linear attention (simple_gla, retention,
+// linear_attention; ops/_gated_linear_chunk.py): the chunk writes V itself, no K K^T and no solve.
+//
 // Layout (as the Python entry point passes them, all contiguous): q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv];
-// g (log-decay, optional), beta [B, T, Hv]; h0 [B, Hv, Dk, Dv] (optional). Returns o [B, T, Hv, Dv], the final
+// g (log-decay) and beta [B, T, Hv], both optional; h0 [B, Hv, Dk, Dv] (optional). Returns o [B, T, Hv, Dv], the final
 // state [B, Hv, Dk, Dv] and, when save_states, the state at each chunk start [N, B*Hv, Dk, Dv] (the backward's
 // input); otherwise an empty tensor.
 
@@ -120,51 +123,59 @@ void forward_head(const T* q, const T* k, const T* v, const T* g, const T* beta,
     }
     T* kk = w.kk.data();
     T* qk = w.qk.data();
-    mm<T>(false, true, cc, cc, dk, T(1), kc, ldq, kc, ldq, T(0), kk, cc);
+    // Without beta (the plain gated linear attention) the chunk writes V itself: no K K^T, no solve.
+    const bool delta = beta != nullptr;
+    if (delta) mm<T>(false, true, cc, cc, dk, T(1), kc, ldq, kc, ldq, T(0), kk, cc);
     mm<T>(false, true, cc, cc, dk, T(1), qc, ldq, kc, ldq, T(0), qk, cc);
     // A = strict_lower(beta K K^T * L) (in kk), P = lower(Q K^T * L) (in qk); the solve never reads A's upper part.
     for (int64_t i = 0; i < cc; ++i) {
-      const T bi = beta[(lo + i) * ldg];
+      const T bi = delta ? beta[(lo + i) * ldg] : T(0);
       T* ka = kk + i * cc;
       T* pa = qk + i * cc;
       if (!g) {
-        for (int64_t j = 0; j < i; ++j) ka[j] *= bi;
+        if (delta)
+          for (int64_t j = 0; j < i; ++j) ka[j] *= bi;
       } else if (mild) {
         const T gi = w.gexp[i];
         const T* inv = w.inv.data();
         for (int64_t j = 0; j <= i; ++j) {
           const T l = gi * inv[j];
-          ka[j] *= l * bi;
+          if (delta) ka[j] *= l * bi;
           pa[j] *= l;
         }
       } else {
         for (int64_t j = 0; j <= i; ++j) {
           const T l = exp_flushed<T>(w.gam[i] - w.gam[j]);
-          ka[j] *= l * bi;
+          if (delta) ka[j] *= l * bi;
           pa[j] *= l;
         }
       }
       std::fill(pa + i + 1, pa + cc, T(0));
     }
-    // r = beta (V - diag(G) K S);  O = scale (diag(G) Q S + P N).
+    // r = beta (V - diag(G) K S);  O = scale (diag(G) Q S + P N), N = V without the delta rule.
     T* r = w.r.data();
-    mm<T>(false, false, cc, dv, dk, T(1), kc, ldq, s, dv, T(0), r, dv);
+    if (delta) mm<T>(false, false, cc, dv, dk, T(1), kc, ldq, s, dv, T(0), r, dv);
     mm<T>(false, false, cc, dv, dk, T(1), qc, ldq, s, dv, T(0), oc, ldv);
     for (int64_t i = 0; i < cc; ++i) {
-      const T bi = beta[(lo + i) * ldg];
       const T gi = g ? w.gexp[i] : T(1);
-      const T* vi = vc + i * ldv;
-      T* ri = r + i * dv;
       T* oi = oc + i * ldv;
       const T os = scale * gi;
-      for (int64_t j = 0; j < dv; ++j) {
-        ri[j] = bi * (vi[j] - gi * ri[j]);
-        oi[j] *= os;
+      for (int64_t j = 0; j < dv; ++j) oi[j] *= os;
+      if (delta) {
+        const T bi = beta[(lo + i) * ldg];
+        const T* vi = vc + i * ldv;
+        T* ri = r + i * dv;
+        for (int64_t j = 0; j < dv; ++j) ri[j] = bi * (vi[j] - gi * ri[j]);
       }
     }
-    // N = (I + A)^-1 r, in place in r.
-    solve_unit_lower<T>(cc, dv, kk, cc, r, dv);
-    mm<T>(false, false, cc, dv, cc, scale, qk, cc, r, dv, T(1), oc, ldv);
+    const T* nw = vc;
+    int64_t ldn = ldv;
+    if (delta) {  // N = (I + A)^-1 r, in place in r
+      solve_unit_lower<T>(cc, dv, kk, cc, r, dv);
+      nw = r;
+      ldn = dv;
+    }
+    mm<T>(false, false, cc, dv, cc, scale, qk, cc, nw, ldn, T(1), oc, ldv);
     // S' = G_C S + (diag(e) K)^T N.
     const T* kw = kc;
     int64_t ldk = ldq;
@@ -180,30 +191,30 @@ void forward_head(const T* q, const T* k, const T* v, const T* g, const T* beta,
       kw = kd;
       ldk = dk;
     }
-    mm<T>(true, false, dk, dv, cc, T(1), kw, ldk, r, dv, T(1), s, dv);
+    mm<T>(true, false, dk, dv, cc, T(1), kw, ldk, nw, ldn, T(1), s, dv);
   }
 }
 
 std::vector<at::Tensor> gdn_chunk_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const c10::optional<at::Tensor>& g, const at::Tensor& beta,
+                                      const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& beta,
                                       const c10::optional<at::Tensor>& h0, double scale, int64_t chunk_size,
                                       bool save_states) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && beta.is_contiguous(),
-              "gdn_chunk_fwd: q, k, v, beta must be contiguous");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "gdn_chunk_fwd: q, k, v must be contiguous");
   const int64_t b = k.size(0), t = k.size(1), hk = k.size(2), dk = k.size(3), hv = v.size(2), dv = v.size(3);
   const int64_t grp = hv / hk, c = chunk_size, nchunks = (t + c - 1) / c;
   at::Tensor o = at::empty({b, t, hv, dv}, v.options());
   at::Tensor s = h0.has_value() ? h0->contiguous().clone() : at::zeros({b, hv, dk, dv}, v.options());
   at::Tensor states = save_states ? at::empty({nchunks, b * hv, dk, dv}, v.options()) : at::empty({0}, v.options());
-  at::Tensor gc;
+  at::Tensor gc, bc;
   if (g.has_value()) gc = g->contiguous();
+  if (beta.has_value()) bc = beta->contiguous();
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "gdn_chunk_fwd", [&] {
     using T = scalar_t;
     const T* qp = q.data_ptr<T>();
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
     const T* gp = g.has_value() ? gc.data_ptr<T>() : nullptr;
-    const T* bp = beta.data_ptr<T>();
+    const T* bp = beta.has_value() ? bc.data_ptr<T>() : nullptr;
     T* op = o.data_ptr<T>();
     T* sp = s.data_ptr<T>();
     T* stp = save_states ? states.data_ptr<T>() : nullptr;
@@ -212,7 +223,8 @@ std::vector<at::Tensor> gdn_chunk_fwd(const at::Tensor& q, const at::Tensor& k, 
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t bi = bh / hv, h = bh % hv, kh = h / grp;
         const int64_t qoff = bi * t * hk * dk + kh * dk, voff = bi * t * hv * dv + h * dv, goff = bi * t * hv + h;
-        forward_head<T>(qp + qoff, kp + qoff, vp + voff, gp ? gp + goff : nullptr, bp + goff, op + voff,
+        forward_head<T>(qp + qoff, kp + qoff, vp + voff, gp ? gp + goff : nullptr, bp ? bp + goff : nullptr,
+                        op + voff,
                         sp + bh * dk * dv, stp ? stp + bh * dk * dv : nullptr, b * hv * dk * dv, t, c, dk, dv,
                         hk * dk, hv * dv, hv, static_cast<T>(scale), w);
       }
@@ -225,7 +237,7 @@ std::vector<at::Tensor> gdn_chunk_fwd(const at::Tensor& q, const at::Tensor& k, 
 
 // A fragment: every csrc file adds its ops to the one torch.ops.hybridattn namespace from its own library.
 TORCH_LIBRARY_FRAGMENT(hybridattn, m) {
-  m.def("gdn_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor beta, Tensor? h0, float scale, "
+  m.def("gdn_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, Tensor? h0, float scale, "
         "int chunk_size, bool save_states) -> Tensor[]");
 }
 
