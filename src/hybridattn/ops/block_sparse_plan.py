@@ -268,10 +268,11 @@ class NativeLayout:
     groups: list[BlockGroup]
 
     def masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Each group's keep mask as 0 / 1 in ``dtype`` (empty where every tile is FULL), made once per dtype."""
+        """Each group's keep mask as 0 / 1 in ``dtype``, column-major ``[B|1, G|1, H|1, X, bq]`` (the kernel reads
+        a key's flags over the rows as one vector); empty where every tile is FULL. Made once per dtype."""
         empty = torch.empty(0, dtype=dtype)
         return [empty if grp.keep is None else
-                grp._cached(("native", dtype), lambda grp=grp: grp.keep.to("cpu", dtype).contiguous())
+                grp._cached(("native", dtype), lambda grp=grp: grp.keep.to("cpu", dtype).mT.contiguous())
                 for grp in self.groups]
 
 

@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -72,23 +74,34 @@ inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const
 
 // One row of one piece: s <- exp(s - shift) (clamped to [-EXP_SAFE, 0] when shifted), times keep when masked;
 // returns the row sum. Templated on both flags so that each inner loop is branch-free.
+// One row of one piece: s <- exp(s - shift) (clamped to [-EXP_SAFE, 0] when shifted), times keep (read every
+// ks-th element: the masks are stored column-major) when masked; returns the row sum. The generic path (float64,
+// or a CPU without AVX-512): std::exp per element.
 template <typename T, bool kShifted, bool kMasked>
-inline T exp_row(T* s, const T* keep, int64_t n, T shift) {
+inline T exp_row(T* s, const T* keep, int64_t ks, int64_t n, T shift) {
   T sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     T x = s[j] - shift;
     if (kShifted) x = std::min(std::max(x, T(-kExpSafe)), T(0));
     T e = std::exp(x);
-    if (kMasked) e *= keep[j];
+    if (kMasked) e *= keep[j * ks];
     s[j] = e;
     sum += e;
   }
   return sum;
 }
 
+template <typename T>
+inline T max_row(const T* s, const T* keep, int64_t ks, int64_t n, T start) {
+  T mx = start;
+  for (int64_t j = 0; j < n; ++j)
+    if (!keep || keep[j * ks] != T(0)) mx = std::max(mx, s[j]);
+  return mx;
+}
+
 #if defined(__AVX512F__)
-// The float row with AVX-512: the exp is ~20 instructions per 16 entries, against 4 * D = 256 FLOPs of GEMM per
-// entry (std::exp is a scalar libm call per element and gcc does not vectorise it without -ffast-math). Cephes'
+// AVX-512 exp for the float path: ~20 instructions per 16 entries, against 4 * D FLOPs of GEMM per entry
+// (std::exp is a scalar libm call per element and gcc does not vectorise it without -ffast-math). Cephes'
 // expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for exactness), e^r by a degree-6 polynomial, then
 // scalef by 2^n; about 1 ulp over [-87, 88], where x is clamped (exp(-87) is still a normal float).
 inline __m512 exp16(__m512 x) {
@@ -116,59 +129,26 @@ inline __m512 exp_step(__m512 x, __m512 shift, const float* keep, __mmask16 lane
   if (kMasked) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(lanes, keep));
   return e;
 }
-
-template <bool kShifted, bool kMasked>
-inline float exp_row_f32(float* s, const float* keep, int64_t n, float shift) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 acc = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp_step<kShifted, kMasked>(_mm512_loadu_ps(s + j), sh, keep + j, 0xFFFF);
-    _mm512_storeu_ps(s + j, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  if (j < n) {
-    const __mmask16 lanes = static_cast<__mmask16>((1u << (n - j)) - 1u);
-    const __m512 e = exp_step<kShifted, kMasked>(_mm512_maskz_loadu_ps(lanes, s + j), sh, keep + j, lanes);
-    _mm512_mask_storeu_ps(s + j, lanes, e);
-    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(lanes, e));
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-template <>
-inline float exp_row<float, false, false>(float* s, const float* keep, int64_t n, float shift) {
-  return exp_row_f32<false, false>(s, keep, n, shift);
-}
-template <>
-inline float exp_row<float, false, true>(float* s, const float* keep, int64_t n, float shift) {
-  return exp_row_f32<false, true>(s, keep, n, shift);
-}
-template <>
-inline float exp_row<float, true, false>(float* s, const float* keep, int64_t n, float shift) {
-  return exp_row_f32<true, false>(s, keep, n, shift);
-}
-template <>
-inline float exp_row<float, true, true>(float* s, const float* keep, int64_t n, float shift) {
-  return exp_row_f32<true, true>(s, keep, n, shift);
-}
 #endif
-
-template <typename T>
-inline T max_row(const T* s, const T* keep, int64_t n, T start) {
-  T mx = start;
-  if (keep) {
-    for (int64_t j = 0; j < n; ++j)
-      if (keep[j] != T(0)) mx = std::max(mx, s[j]);
-  } else {
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-  }
-  return mx;
-}
 
 struct Piece {
   int64_t key, width, mask_col;
 };
+
+// A query block's pieces, split at kChunk columns.
+inline void split_pieces(const int64_t* item, const Piece* pieces_in, std::vector<Piece>& out) {
+  out.clear();
+  for (int64_t p = item[2]; p < item[3]; ++p) {
+    Piece pc = pieces_in[p - item[2]];
+    while (pc.width > 0) {
+      const int64_t wd = std::min(pc.width, kChunk);
+      out.push_back({pc.key, wd, pc.mask_col});
+      pc.key += wd;
+      pc.width -= wd;
+      if (pc.mask_col >= 0) pc.mask_col += wd;
+    }
+  }
+}
 
 template <typename T>
 struct Work {  // one thread's buffers, reused for every query block it owns
@@ -210,18 +190,7 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
     qb = dst;
     ldqb = d;
   }
-  // Pieces split at kChunk columns, then grouped into passes of at most kChunk columns.
-  w.pieces.clear();
-  for (int64_t p = item[2]; p < item[3]; ++p) {
-    Piece pc = pieces_in[p - item[2]];
-    while (pc.width > 0) {
-      const int64_t wd = std::min(pc.width, kChunk);
-      w.pieces.push_back({pc.key, wd, pc.mask_col});
-      pc.key += wd;
-      pc.width -= wd;
-      if (pc.mask_col >= 0) pc.mask_col += wd;
-    }
-  }
+  split_pieces(item, pieces_in, w.pieces);  // then grouped into passes of at most kChunk columns
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T* mrow = w.m.data();
   T* lrow = w.l.data();
@@ -231,8 +200,8 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
   std::fill(lrow, lrow + n, T(0));
   bool first = true;
   // mask row of query row (t, j): its head's plane when the mask has one per head
-  auto keep_row = [&](int64_t t, int64_t j) {
-    return mask + (mask_stride_h ? (kvh * g + j) * mask_stride_h : 0) + t * mask_cols;
+  auto keep_row = [&](int64_t t, int64_t j) {  // then column c at + c * bq
+    return mask + (mask_stride_h ? (kvh * g + j) * mask_stride_h : 0) + t;
   };
   for (size_t lo = 0; lo < w.pieces.size();) {
     size_t hi = lo;
@@ -255,7 +224,8 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
           int64_t c = 0;
           for (size_t p = lo; p < hi; c += w.pieces[p++].width) {
             const Piece& pc = w.pieces[p];
-            mx = max_row<T>(sr + c, pc.mask_col < 0 ? nullptr : keep_row(t, j) + pc.mask_col, pc.width, mx);
+            mx = max_row<T>(sr + c, pc.mask_col < 0 ? nullptr : keep_row(t, j) + pc.mask_col * bq, bq, pc.width,
+                             mx);
           }
           if (mx > mrow[r]) {
             const T alpha = mrow[r] == neg_inf ? T(0) : std::exp(std::max(mrow[r] - mx, T(-2 * kExpSafe)));
@@ -272,12 +242,12 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
         for (size_t p = lo; p < hi; c += w.pieces[p++].width) {
           const Piece& pc = w.pieces[p];
           if (pc.mask_col < 0) {
-            sum += shifted ? exp_row<T, true, false>(sr + c, nullptr, pc.width, shift)
-                           : exp_row<T, false, false>(sr + c, nullptr, pc.width, shift);
+            sum += shifted ? exp_row<T, true, false>(sr + c, nullptr, 0, pc.width, shift)
+                           : exp_row<T, false, false>(sr + c, nullptr, 0, pc.width, shift);
           } else {
-            const T* keep = keep_row(t, j) + pc.mask_col;
-            sum += shifted ? exp_row<T, true, true>(sr + c, keep, pc.width, shift)
-                           : exp_row<T, false, true>(sr + c, keep, pc.width, shift);
+            const T* keep = keep_row(t, j) + pc.mask_col * bq;
+            sum += shifted ? exp_row<T, true, true>(sr + c, keep, bq, pc.width, shift)
+                           : exp_row<T, false, true>(sr + c, keep, bq, pc.width, shift);
           }
         }
         lrow[r] += sum;
@@ -311,6 +281,205 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
     }
 }
 
+#if defined(__AVX512F__)
+// The float path with AVX-512 and hand-written GEMM tiles instead of BLAS: MKL reaches only ~75% of its large-matmul
+// rate on these [64, 64] x [64, ~600] products (it packs k afresh on every call), and the exp could not join the
+// GEMM. Here query rows lie across the vector lanes (Q^T packed once per block, up to 64 rows = 4 vectors), so
+//   S^T tile:  acc[key j][rows] += k[j, x] * Q^T[x, rows]   (k[j, x] broadcast straight from k: no packing),
+// with exp, mask and row sums applied to the accumulators before they are stored as E^T, and
+//   O^T tile:  acc[x][rows] += v[j, x] * E^T[j, rows]        (v[j, x] broadcast straight from v).
+// The masks are stored column-major ([.., X, bq]) so that a key's keep flags over the rows are one vector.
+namespace fast {
+
+constexpr int kLanes = 16, kMaxVec = 4, kMaxRows = kLanes * kMaxVec, kKeyTile = 6, kOutTile = 6;
+
+struct Work {
+  std::vector<float> qt, et, ot;
+  alignas(64) float m[kMaxRows], l[kMaxRows];
+  Work(int64_t d, int64_t dv) : qt(d * kMaxRows), et(kChunk * kMaxRows), ot(dv * kMaxRows) {}
+};
+
+// E^T rows for keys kp[0..J) (or raw S^T when kRaw: the shifted path takes the row maxima first).
+template <int R, int J, bool kRaw, bool kShifted, bool kMasked>
+inline void score_tile(const float* qt, int64_t d, const float* const* kp, const float* keep, int64_t ldm,
+                       __mmask16 last, const float* shift, __m512* lsum, float* et) {
+  __m512 acc[J][R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  for (int64_t x = 0; x < d; ++x) {
+    __m512 qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm512_loadu_ps(qt + x * kMaxRows + r * kLanes);
+    for (int j = 0; j < J; ++j) {
+      const __m512 kb = _mm512_set1_ps(kp[j][x]);
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_fmadd_ps(kb, qv[r], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) {
+      __m512 e = acc[j][r];
+      if (!kRaw) {
+        e = exp_step<kShifted, kMasked>(e, _mm512_loadu_ps(shift + r * kLanes), keep + j * ldm + r * kLanes,
+                                        r == R - 1 ? last : __mmask16(0xFFFF));
+        lsum[r] = _mm512_add_ps(lsum[r], e);
+      }
+      _mm512_storeu_ps(et + j * kMaxRows + r * kLanes, e);
+    }
+}
+
+template <int R, bool kRaw, bool kShifted, bool kMasked>
+void score_piece(const float* qt, int64_t d, const float* k, int64_t ldk, int64_t width, const float* keep,
+                 int64_t ldm, __mmask16 last, const float* shift, __m512* lsum, float* et) {
+  const float* kp[kKeyTile];
+  int64_t j = 0;
+  for (; j + kKeyTile <= width; j += kKeyTile) {
+    for (int t = 0; t < kKeyTile; ++t) kp[t] = k + (j + t) * ldk;
+    score_tile<R, kKeyTile, kRaw, kShifted, kMasked>(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum,
+                                                     et + j * kMaxRows);
+  }
+  for (; j < width; ++j) {
+    kp[0] = k + j * ldk;
+    score_tile<R, 1, kRaw, kShifted, kMasked>(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum, et + j * kMaxRows);
+  }
+}
+
+template <int R, int X>
+inline void out_tile(const float* et, int64_t width, const float* v, int64_t ldv, float* ot) {
+  __m512 acc[X][R];
+  for (int x = 0; x < X; ++x)
+    for (int r = 0; r < R; ++r) acc[x][r] = _mm512_loadu_ps(ot + x * kMaxRows + r * kLanes);
+  for (int64_t j = 0; j < width; ++j) {
+    __m512 ev[R];
+    for (int r = 0; r < R; ++r) ev[r] = _mm512_loadu_ps(et + j * kMaxRows + r * kLanes);
+    const float* vj = v + j * ldv;
+    for (int x = 0; x < X; ++x) {
+      const __m512 vb = _mm512_set1_ps(vj[x]);
+      for (int r = 0; r < R; ++r) acc[x][r] = _mm512_fmadd_ps(vb, ev[r], acc[x][r]);
+    }
+  }
+  for (int x = 0; x < X; ++x)
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(ot + x * kMaxRows + r * kLanes, acc[x][r]);
+}
+
+// Keys in blocks of kOutKeys, all of O^T's columns per block: the block's E^T rows and v rows (16 KiB each) stay
+// in L1 across the Dv / 6 passes instead of streaming from L2 on each.
+constexpr int64_t kOutKeys = 64;
+
+template <int R>
+void out_piece(const float* et, int64_t width, const float* v, int64_t ldv, int64_t dv, float* ot) {
+  for (int64_t j = 0; j < width; j += kOutKeys) {
+    const int64_t n = std::min(kOutKeys, width - j);
+    const float* e = et + j * kMaxRows;
+    const float* vj = v + j * ldv;
+    int64_t x = 0;
+    for (; x + kOutTile <= dv; x += kOutTile) out_tile<R, kOutTile>(e, n, vj + x, ldv, ot + x * kMaxRows);
+    for (; x < dv; ++x) out_tile<R, 1>(e, n, vj + x, ldv, ot + x * kMaxRows);
+  }
+}
+
+// Query rows [t0, t0 + nr) of head h (nr <= 64) of one query block, as the generic forward_block does for all
+// heads of a key head at once; mask points at the keep flags of row t0 (column c at + c * bq).
+template <int R>
+void rows_block(const float* q, const float* k, const float* v, int64_t t0, int64_t nr, int64_t h,
+                const std::vector<Piece>& pieces, const float* mask, int64_t bq, bool shifted, float scale,
+                const Layout& lay, float* out, float* m_out, float* l_out, Work& w) {
+  const int64_t d = lay.d, dv = lay.dv, kvh = h / lay.g, ldk = lay.hkv * d, ldv = lay.hkv * dv;
+  const __mmask16 last = static_cast<__mmask16>(nr % kLanes ? (1u << (nr % kLanes)) - 1u : 0xFFFFu);
+  float* qt = w.qt.data();
+  for (int64_t t = 0; t < R * kLanes; ++t)
+    for (int64_t x = 0; x < d; ++x) qt[x * kMaxRows + t] = t < nr ? q[(t0 + t) * lay.hq * d + h * d + x] * scale : 0.f;
+  std::fill(w.m, w.m + kMaxRows, shifted ? -std::numeric_limits<float>::infinity() : 0.f);
+  std::fill(w.ot.begin(), w.ot.end(), 0.f);
+  __m512 lsum[R];
+  for (int r = 0; r < R; ++r) lsum[r] = _mm512_setzero_ps();
+  const float* kbase = k + kvh * d;
+  const float* vbase = v + kvh * dv;
+  for (size_t lo = 0; lo < pieces.size();) {
+    size_t hi = lo;
+    int64_t cols = 0;
+    while (hi < pieces.size() && cols + pieces[hi].width <= kChunk) cols += pieces[hi++].width;
+    float* et = w.et.data();
+    for (size_t p = lo; p < hi; et += pieces[p++].width * kMaxRows) {
+      const Piece& pc = pieces[p];
+      const float* kk = kbase + pc.key * ldk;
+      const float* keep = pc.mask_col < 0 ? nullptr : mask + pc.mask_col * bq;
+      if (shifted)
+        (keep ? score_piece<R, true, true, true> : score_piece<R, true, true, false>)(
+            qt, d, kk, ldk, pc.width, keep, bq, last, w.m, lsum, et);
+      else
+        (keep ? score_piece<R, false, false, true> : score_piece<R, false, false, false>)(
+            qt, d, kk, ldk, pc.width, keep, bq, last, w.m, lsum, et);
+    }
+    if (shifted) {  // online softmax over passes: running maximum over kept keys, then exp of the stored S^T
+      float mx[kMaxRows];
+      std::copy(w.m, w.m + kMaxRows, mx);
+      et = w.et.data();
+      for (size_t p = lo; p < hi; ++p)
+        for (int64_t j = 0; j < pieces[p].width; ++j, et += kMaxRows)
+          for (int64_t t = 0; t < nr; ++t)
+            if (pieces[p].mask_col < 0 || mask[(pieces[p].mask_col + j) * bq + t] != 0.f)
+              mx[t] = std::max(mx[t], et[t]);
+      alignas(64) float ls[kMaxRows];
+      for (int r = 0; r < R; ++r) _mm512_storeu_ps(ls + r * kLanes, lsum[r]);
+      for (int64_t t = 0; t < nr; ++t)
+        if (mx[t] > w.m[t]) {
+          const float alpha = w.m[t] == -std::numeric_limits<float>::infinity()
+                                  ? 0.f : std::exp(std::max(w.m[t] - mx[t], float(-2 * kExpSafe)));
+          ls[t] *= alpha;
+          for (int64_t x = 0; x < dv; ++x) w.ot[x * kMaxRows + t] *= alpha;
+          w.m[t] = mx[t];
+        }
+      for (int r = 0; r < R; ++r) lsum[r] = _mm512_loadu_ps(ls + r * kLanes);
+      et = w.et.data();
+      for (size_t p = lo; p < hi; ++p)
+        for (int64_t j = 0; j < pieces[p].width; ++j, et += kMaxRows)
+          for (int r = 0; r < R; ++r) {
+            const float* keep = pieces[p].mask_col < 0 ? nullptr : mask + (pieces[p].mask_col + j) * bq;
+            const __mmask16 lanes = r == R - 1 ? last : __mmask16(0xFFFF);
+            const __m512 sv = _mm512_loadu_ps(et + r * kLanes), sh = _mm512_loadu_ps(w.m + r * kLanes);
+            const __m512 e = keep ? exp_step<true, true>(sv, sh, keep + r * kLanes, lanes)
+                                  : exp_step<true, false>(sv, sh, nullptr, lanes);
+            _mm512_storeu_ps(et + r * kLanes, e);
+            lsum[r] = _mm512_add_ps(lsum[r], e);
+          }
+    }
+    et = w.et.data();
+    for (size_t p = lo; p < hi; et += pieces[p++].width * kMaxRows)
+      out_piece<R>(et, pieces[p].width, vbase + pieces[p].key * ldv, ldv, dv, w.ot.data());
+    lo = hi;
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(w.l + r * kLanes, lsum[r]);
+  for (int64_t t = 0; t < nr; ++t) {
+    const int64_t row = (t0 + t) * lay.g + h % lay.g;
+    float* dst = out + (t0 + t) * lay.hq * dv + h * dv;
+    if (pieces.empty() || w.l[t] == 0.f) {  // no kept key (l = 0 exactly: a kept key weighs at least e^-40)
+      std::fill(dst, dst + dv, 0.f);
+      m_out[row] = 0.f;
+      l_out[row] = 1.f;
+    } else {
+      const float inv = 1.f / w.l[t];
+      for (int64_t x = 0; x < dv; ++x) dst[x] = w.ot[x * kMaxRows + t] * inv;
+      m_out[row] = w.m[t];
+      l_out[row] = w.l[t];
+    }
+  }
+}
+
+void forward_block(const float* q, const float* k, const float* v, const int64_t* item, const Piece* pieces_in,
+                   const float* mask, int64_t mask_stride_h, int64_t bq, bool shifted, float scale, const Layout& lay,
+                   int64_t kvh, float* out, float* m_out, float* l_out, std::vector<Piece>& pieces, Work& w) {
+  split_pieces(item, pieces_in, pieces);
+  for (int64_t h = kvh * lay.g; h < (kvh + 1) * lay.g; ++h)
+    for (int64_t t0 = item[0]; t0 < item[0] + item[1]; t0 += kMaxRows) {
+      const int64_t nr = std::min<int64_t>(kMaxRows, item[0] + item[1] - t0);
+      const float* mk = mask ? mask + (mask_stride_h ? h * mask_stride_h : 0) + (t0 - item[0]) : nullptr;
+      auto run = nr > 48 ? rows_block<4> : nr > 32 ? rows_block<3> : nr > 16 ? rows_block<2> : rows_block<1>;
+      run(q, k, v, t0, nr, h, pieces, mk, bq, shifted, scale, lay, out, m_out, l_out, w);
+    }
+}
+
+}  // namespace fast
+#endif
+
 void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& items,
                       const at::Tensor& pieces, const at::TensorList masks, const at::Tensor& shifted, double scale,
                       at::Tensor& out, at::Tensor& m, at::Tensor& l) {
@@ -332,7 +501,7 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::vector<at::Tensor> mk(masks.begin(), masks.end());
     for (auto& x : mk) {
       TORCH_CHECK(x.numel() == 0 || (x.dim() == 5 && x.scalar_type() == q.scalar_type() && x.is_contiguous()),
-                  "block_sparse_fwd: masks must be empty or contiguous [Bm, Gm, Hm, bq, X] of q's dtype");
+                  "block_sparse_fwd: masks must be empty or contiguous [Bm, Gm, Hm, X, bq] of q's dtype");
     }
     const T* qp = q.data_ptr<T>();
     const T* kp = k.data_ptr<T>();
@@ -343,6 +512,10 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
     at::parallel_for(0, b * lay.hkv * nitems, 1, [&](int64_t begin, int64_t end) {
       Work<T> w(max_rows * lay.g, lay.d, lay.dv);
+#if defined(__AVX512F__)
+      std::unique_ptr<fast::Work> fw;
+      if (std::is_same_v<T, float>) fw = std::make_unique<fast::Work>(lay.d, lay.dv);
+#endif
       for (int64_t task = begin; task < end; ++task) {
         const int64_t i = task % nitems, kvh = (task / nitems) % lay.hkv, bi = task / (nitems * lay.hkv);
         const int64_t* itm = it + i * 6;
@@ -351,14 +524,24 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const at::Tensor& mt = mk[itm[4]];
         if (mt.numel()) {
           const int64_t bm = mt.size(0), gm = mt.size(1), hm = mt.size(2);
-          bq = mt.size(3);
-          cols = mt.size(4);
+          cols = mt.size(3);
+          bq = mt.size(4);
           stride_h = hm > 1 ? bq * cols : 0;
           mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
         }
         const int64_t qoff = bi * lay.tq * lay.hq * lay.d, koff = bi * lay.tk * lay.hkv * lay.d;
         const int64_t voff = bi * lay.tk * lay.hkv * lay.dv, ooff = bi * lay.tq * lay.hq * lay.dv;
         const int64_t soff = (bi * lay.hkv + kvh) * lay.tq * lay.g;
+#if defined(__AVX512F__)
+        if (fw) {  // T is float
+          fast::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kp + koff),
+                              reinterpret_cast<const float*>(vp + voff), itm, pc + itm[2],
+                              reinterpret_cast<const float*>(mask), stride_h, bq, sh[i] != 0,
+                              static_cast<float>(scale), lay, kvh, reinterpret_cast<float*>(op + ooff),
+                              reinterpret_cast<float*>(mp + soff), reinterpret_cast<float*>(lp + soff), w.pieces, *fw);
+          continue;
+        }
+#endif
         forward_block<T>(qp + qoff, kp + koff, vp + voff, itm, pc + itm[2], mask, stride_h, bq, cols, sh[i] != 0,
                          static_cast<T>(scale), lay, kvh, op + ooff, mp + soff, lp + soff, w);
       }
