@@ -33,18 +33,19 @@ def _reference(q, k, v, spec, scale=None):
     return softmax_attention(q.double(), k.double(), v.double(), mask=spec, scale=scale, backend="naive")
 
 
-def _compare(spec, *, b=2, tq=45, tk=45, hq=4, hkv=2, d=12, dv=10, block_q=8, block_k=16, q_gain=None):
+def _compare(spec, *, b=2, tq=45, tk=45, hq=4, hkv=2, d=12, dv=10, block_q=8, block_k=16, q_gain=None,
+             dtype=torch.float32):
     """Kernel vs the float64 reference, outputs and gradients; ``q_gain [Tq]`` scales the query rows (large
     logits)."""
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(b, tq, hq, d, generator=gen)
-    q = (q if q_gain is None else q * q_gain[:, None, None]).requires_grad_()
-    k = torch.randn(b, tk, hkv, d, generator=gen, requires_grad=True)
-    v = torch.randn(b, tk, hkv, dv, generator=gen, requires_grad=True)
+    q = (q if q_gain is None else q * q_gain[:, None, None]).to(dtype).requires_grad_()
+    k = torch.randn(b, tk, hkv, d, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(b, tk, hkv, dv, generator=gen).to(dtype).requires_grad_()
     out = block_sparse_attention(q, k, v, spec, block_q=block_q, block_k=block_k)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = _reference(q64, k64, v64, spec)
-    grad = torch.randn(out.shape, generator=gen)
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -100,6 +101,21 @@ def test_gathered_and_ranged_key_segments(name):
     assert max(len(blk.segments) for blk in plan.blocks) >= 2
     _compare(spec, tq=203, tk=203, block_q=8, block_k=8)
     _compare(spec, tq=203, tk=203, block_q=8, block_k=8, q_gain=torch.full((203,), 6.0))  # every block shifted
+
+
+def test_production_head_dims_and_tiles():
+    # the compiled float kernel's register tiles: 64 query rows (4 vectors) and 16-row refined blocks, D = Dv = 64
+    # (10 column tiles of 6 plus one of 4), key ranges whose widths leave remainders of each tile size, GQA
+    spec = masks.longformer(37, [0, 1, 150]) & masks.padding(torch.tensor([300, 233]))
+    _compare(spec, tq=300, tk=300, hq=4, hkv=2, d=64, dv=64, block_q=64, block_k=32)
+    _compare(masks.bigbird(1, 1, 2, block=64, seed=3), b=1, tq=300, tk=300, hq=2, hkv=1, d=64, dv=61, block_q=64,
+             block_k=64, q_gain=torch.full((300,), 4.0))
+
+
+def test_float64_inputs():
+    spec = masks.longformer(5, [0, 30]) & masks.padding(torch.tensor([45, 28]))
+    _compare(spec, dtype=torch.float64)
+    _compare(spec, dtype=torch.float64, q_gain=torch.full((45,), 12.0))  # shifted blocks
 
 
 def test_wide_query_blocks_are_planned_with_finer_tiles():

@@ -336,9 +336,15 @@ void score_piece(const float* qt, int64_t d, const float* k, int64_t ldk, int64_
     score_tile<R, kKeyTile, kRaw, kShifted, kMasked>(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum,
                                                      et + j * kMaxRows);
   }
-  for (; j < width; ++j) {
-    kp[0] = k + j * ldk;
-    score_tile<R, 1, kRaw, kShifted, kMasked>(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum, et + j * kMaxRows);
+  for (int t = 0; j + t < width; ++t) kp[t] = k + (j + t) * ldk;
+  auto tail = [&](auto tile) { tile(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum, et + j * kMaxRows); };
+  switch (width - j) {
+    case 5: tail(score_tile<R, 5, kRaw, kShifted, kMasked>); break;
+    case 4: tail(score_tile<R, 4, kRaw, kShifted, kMasked>); break;
+    case 3: tail(score_tile<R, 3, kRaw, kShifted, kMasked>); break;
+    case 2: tail(score_tile<R, 2, kRaw, kShifted, kMasked>); break;
+    case 1: tail(score_tile<R, 1, kRaw, kShifted, kMasked>); break;
+    default: break;
   }
 }
 
@@ -372,7 +378,15 @@ void out_piece(const float* et, int64_t width, const float* v, int64_t ldv, int6
     const float* vj = v + j * ldv;
     int64_t x = 0;
     for (; x + kOutTile <= dv; x += kOutTile) out_tile<R, kOutTile>(e, n, vj + x, ldv, ot + x * kMaxRows);
-    for (; x < dv; ++x) out_tile<R, 1>(e, n, vj + x, ldv, ot + x * kMaxRows);
+    // one tile for the remainder: single columns would load E^T once per 4 FMAs (64 = 10 * 6 + 4)
+    switch (dv - x) {
+      case 5: out_tile<R, 5>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
+      case 4: out_tile<R, 4>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
+      case 3: out_tile<R, 3>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
+      case 2: out_tile<R, 2>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
+      case 1: out_tile<R, 1>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
+      default: break;
+    }
   }
 }
 
