@@ -42,8 +42,10 @@ def _build(kernel: str):
     from torch.utils import cpp_extension
 
     source = _CSRC / f"{kernel}.cpp"
-    # One cache entry per kernel, CPU and source text: two checkouts (or versions) never rebuild over each other.
-    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:8]
+    # One cache entry per kernel, CPU and source text (shared headers included): two checkouts (or versions) never
+    # rebuild over each other.
+    texts = [source.read_bytes()] + [h.read_bytes() for h in sorted(_CSRC.glob("*.h"))]
+    digest = hashlib.sha1(b"".join(texts)).hexdigest()[:8]
     name = f"hybridattn_{kernel}_{_cpu_tag()}_{digest}"
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is a header template
     cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],

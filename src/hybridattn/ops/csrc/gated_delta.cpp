@@ -22,77 +22,17 @@
 #include <cmath>
 #include <vector>
 
-// The Fortran BLAS that libtorch_cpu exports (MKL or OpenBLAS, LP64). ATen's own cpublas::gemm is not exported
-// for float64; where these symbols are missing the library fails to load and the ops use the PyTorch forms.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*);
-void strsm_(const char*, const char*, const char*, const char*, const int*, const int*, const float*, const float*,
-            const int*, float*, const int*);
-void dtrsm_(const char*, const char*, const char*, const char*, const int*, const int*, const double*,
-            const double*, const int*, double*, const int*);
-}
+#include "chunk_common.h"
 
 namespace {
 
-// Log-decays below this give exact zeros (ops/_chunking.py FLUSH_LOG_DECAY): no denormal arithmetic.
-constexpr double kFlush = -60.0;
-
-template <typename T>
-inline T exp_flushed(double x) {
-  return x < kFlush ? T(0) : static_cast<T>(std::exp(x));
-}
-
-// Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, with row strides lda, ldb, ldc. BLAS is
-// column-major, where a row-major matrix reads as its transpose: so C^T = op(B)^T op(A)^T.
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-                      const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-inline void blas_trsm(const char* side, const char* uplo, const char* ta, const char* diag, const int* m,
-                      const int* n, const float* alpha, const float* a, const int* lda, float* b, const int* ldb) {
-  strsm_(side, uplo, ta, diag, m, n, alpha, a, lda, b, ldb);
-}
-inline void blas_trsm(const char* side, const char* uplo, const char* ta, const char* diag, const int* m,
-                      const int* n, const double* alpha, const double* a, const int* lda, double* b, const int* ldb) {
-  dtrsm_(side, uplo, ta, diag, m, n, alpha, a, lda, b, ldb);
-}
-
-// Row-major X[m, n] <- (I + strict_lower(A))^-1 X, A [m, m] with row stride lda (its diagonal and upper part never
-// read). Column-major, X^T (I + A)^T = X_old^T, and row-major A reads as the upper-triangular A^T.
-template <typename T>
-inline void solve_unit_lower(int64_t m, int64_t n, const T* a, int64_t lda, T* x, int64_t ldx) {
-  const char side = 'R', uplo = 'U', tr = 'N', diag = 'U';
-  const int m_ = static_cast<int>(n), n_ = static_cast<int>(m), lda_ = static_cast<int>(lda);
-  const int ldx_ = static_cast<int>(ldx);
-  const T one = 1;
-  blas_trsm(&side, &uplo, &tr, &diag, &m_, &n_, &one, a, &lda_, x, &ldx_);
-}
-
-template <typename T>
-inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-               int64_t ldb, T beta, T* c, int64_t ldc) {
-  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
-  const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
-  const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
-  blas_gemm(&trb, &tra, &n_, &m_, &k_, &alpha, b, &ldb_, a, &lda_, &beta, c, &ldc_);
-}
+using namespace hybridattn_csrc;
 
 template <typename T>
 struct Work {  // one thread's per-chunk buffers, reused for every chunk of every head it owns
-  std::vector<T> kk, qk, r, kd, gexp, kdec, inv;
-  std::vector<double> gam;
-  Work(int64_t c, int64_t dk, int64_t dv)
-      : kk(c * c), qk(c * c), r(c * dv), kd(c * dk), gexp(c), kdec(c), inv(c), gam(c) {}
+  std::vector<T> kk, qk, r, kd;
+  ChunkDecay<T> dec;
+  Work(int64_t c, int64_t dk, int64_t dv) : kk(c * c), qk(c * c), r(c * dv), kd(c * dk), dec(c) {}
 };
 
 template <typename T>
@@ -106,21 +46,8 @@ void forward_head(const T* q, const T* k, const T* v, const T* g, const T* beta,
     const T* vc = v + lo * ldv;
     T* oc = o + lo * ldv;
     if (states) std::copy(s, s + dk * dv, states + n * states_stride);
-    // Chunk-local cumulative log-decay gamma, G = exp(gamma), e = exp(gamma_C - gamma).
-    bool mild = true;  // every gamma in [-60, 0]: L[i, j] = G_i / G_j with no overflow and no tiny factor
-    if (g) {
-      double acc = 0;
-      for (int64_t i = 0; i < cc; ++i) {
-        acc += static_cast<double>(g[(lo + i) * ldg]);
-        w.gam[i] = acc;
-        mild = mild && acc >= kFlush && acc <= 0;
-      }
-      for (int64_t i = 0; i < cc; ++i) {
-        w.gexp[i] = exp_flushed<T>(w.gam[i]);
-        w.kdec[i] = exp_flushed<T>(w.gam[cc - 1] - w.gam[i]);
-        if (mild) w.inv[i] = T(1) / w.gexp[i];
-      }
-    }
+    if (g) w.dec.compute(g + lo * ldg, ldg, cc);
+    const ChunkDecay<T>& dec = w.dec;
     T* kk = w.kk.data();
     T* qk = w.qk.data();
     // Without beta (the plain gated linear attention) the chunk writes V itself: no K K^T, no solve.
@@ -135,17 +62,16 @@ void forward_head(const T* q, const T* k, const T* v, const T* g, const T* beta,
       if (!g) {
         if (delta)
           for (int64_t j = 0; j < i; ++j) ka[j] *= bi;
-      } else if (mild) {
-        const T gi = w.gexp[i];
-        const T* inv = w.inv.data();
+      } else if (dec.mild) {  // kept apart from the exp branch so that it vectorises
+        const T gi = dec.gexp[i];
         for (int64_t j = 0; j <= i; ++j) {
-          const T l = gi * inv[j];
+          const T l = gi * dec.inv[j];
           if (delta) ka[j] *= l * bi;
           pa[j] *= l;
         }
       } else {
         for (int64_t j = 0; j <= i; ++j) {
-          const T l = exp_flushed<T>(w.gam[i] - w.gam[j]);
+          const T l = dec.decay(i, j);
           if (delta) ka[j] *= l * bi;
           pa[j] *= l;
         }
@@ -157,7 +83,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* g, const T* beta,
     if (delta) mm<T>(false, false, cc, dv, dk, T(1), kc, ldq, s, dv, T(0), r, dv);
     mm<T>(false, false, cc, dv, dk, T(1), qc, ldq, s, dv, T(0), oc, ldv);
     for (int64_t i = 0; i < cc; ++i) {
-      const T gi = g ? w.gexp[i] : T(1);
+      const T gi = g ? dec.gexp[i] : T(1);
       T* oi = oc + i * ldv;
       const T os = scale * gi;
       for (int64_t j = 0; j < dv; ++j) oi[j] *= os;
@@ -180,11 +106,11 @@ void forward_head(const T* q, const T* k, const T* v, const T* g, const T* beta,
     const T* kw = kc;
     int64_t ldk = ldq;
     if (g) {
-      const T gc = w.gexp[cc - 1];
+      const T gc = dec.gexp[cc - 1];
       for (int64_t x = 0; x < dk * dv; ++x) s[x] *= gc;
       T* kd = w.kd.data();
       for (int64_t i = 0; i < cc; ++i) {
-        const T e = w.kdec[i];
+        const T e = dec.kdec[i];
         const T* ki = kc + i * ldq;
         for (int64_t x = 0; x < dk; ++x) kd[i * dk + x] = e * ki[x];
       }
