@@ -167,7 +167,10 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, ds):
         q, k, v, g, beta, states = ctx.saved_tensors
-        dq, dk, dv, dg, dbeta, dh0 = chunk_backward(q, k, v, g, beta, states, ctx.scale, ctx.chunk_size, do, ds)
+        grads = native_backward(q, k, v, g, beta, states, ctx.scale, ctx.chunk_size, do, ds)
+        if grads is None:
+            grads = chunk_backward(q, k, v, g, beta, states, ctx.scale, ctx.chunk_size, do, ds)
+        dq, dk, dv, dg, dbeta, dh0 = grads
         return dq, dk, dv, dg, dbeta, (dh0 if ctx.has_h0 else None), None, None
 
 
@@ -182,6 +185,23 @@ def native_forward(q, k, v, g, beta, h0, scale, chunk_size, *, save_states=False
     q, k, v = (x.contiguous() for x in (q, k, v))
     g, beta = (None if x is None else x.contiguous() for x in (g, beta))
     return tuple(ops.gdn_chunk_fwd(q, k, v, g, beta, h0, float(scale), int(chunk_size), save_states))
+
+
+def native_backward(q, k, v, g, beta, states, scale, chunk_size, do, ds):
+    """:func:`chunk_backward` by the compiled CPU kernel (``csrc/gated_delta_backward.cpp``), or None where it cannot
+    run."""
+    if not _native.usable(q, k, v, g, beta, states, do, ds):
+        return None
+    ops = _native.native_ops("gated_delta_backward")
+    if ops is None:
+        return None
+    q, k, v, beta, states, do = (x.contiguous() for x in (q, k, v, beta, states, do))
+    g = None if g is None else g.contiguous()
+    dq, dk, dv, dg, dbeta, dh0 = ops.gdn_chunk_bwd(q, k, v, g, beta, states, float(scale), int(chunk_size), do, ds)
+    b, t, hk, d = k.shape
+    if v.shape[2] != hk:  # GVA: the kernel returns dq, dk per value head; each key head gets its group's sum
+        dq, dk = (x.view(b, t, hk, -1, d).sum(3) for x in (dq, dk))
+    return dq, dk, dv, (dg if g is not None else None), dbeta, dh0
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, h0, scale, chunk_size):
