@@ -31,18 +31,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*);
-}
+#include "blas.h"
+#include "simd_exp.h"
 
 namespace {
+
+using namespace hybridattn_csrc;
 
 // As ops/block_sparse_attention.py EXP_SAFE: shifted logits are clamped to [-40, 0], so kept keys weigh at least
 // e^-40 (never subnormal) and the backward, which clamps the same way, recomputes the same weights.
@@ -51,29 +45,6 @@ constexpr double kExpSafe = 40.0;
 // read all of them); longer key lists take several passes with the online-softmax rescale.
 constexpr int64_t kChunk = 1024;
 
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-                      const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// Row-major C[m, n] = alpha * op(A) op(B) + beta * C (BLAS is column-major: C^T = op(B)^T op(A)^T).
-template <typename T>
-inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-               int64_t ldb, T beta, T* c, int64_t ldc) {
-  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
-  const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
-  const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
-  blas_gemm(&trb, &tra, &n_, &m_, &k_, &alpha, b, &ldb_, a, &lda_, &beta, c, &ldc_);
-}
-
-// One row of one piece: s <- exp(s - shift) (clamped to [-EXP_SAFE, 0] when shifted), times keep when masked;
-// returns the row sum. Templated on both flags so that each inner loop is branch-free.
 // One row of one piece: s <- exp(s - shift) (clamped to [-EXP_SAFE, 0] when shifted), times keep (read every
 // ks-th element: the masks are stored column-major) when masked; returns the row sum. The generic path (float64,
 // or a CPU without AVX-512): std::exp per element.
@@ -100,27 +71,6 @@ inline T max_row(const T* s, const T* keep, int64_t ks, int64_t n, T start) {
 }
 
 #if defined(__AVX512F__)
-// AVX-512 exp for the float path: ~20 instructions per 16 entries, against 4 * D FLOPs of GEMM per entry
-// (std::exp is a scalar libm call per element and gcc does not vectorise it without -ffast-math). Cephes'
-// expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for exactness), e^r by a degree-6 polynomial, then
-// scalef by 2^n; about 1 ulp over [-87, 88], where x is clamped (exp(-87) is still a normal float).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  const __m512 z = _mm512_mul_ps(r, r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
-}
-
 template <bool kShifted, bool kMasked>
 inline __m512 exp_step(__m512 x, __m512 shift, const float* keep, __mmask16 lanes) {
   x = _mm512_sub_ps(x, shift);

@@ -19,32 +19,11 @@
 #include <numeric>
 #include <vector>
 
-extern "C" {
-void sgemv_(const char*, const int*, const int*, const float*, const float*, const int*, const float*, const int*,
-            const float*, float*, const int*);
-void dgemv_(const char*, const int*, const int*, const double*, const double*, const int*, const double*,
-            const int*, const double*, double*, const int*);
-}
+#include "blas.h"
 
 namespace {
 
-inline void blas_gemv(const char* t, const int* m, const int* n, const float* alpha, const float* a, const int* lda,
-                      const float* x, const int* incx, const float* beta, float* y, const int* incy) {
-  sgemv_(t, m, n, alpha, a, lda, x, incx, beta, y, incy);
-}
-inline void blas_gemv(const char* t, const int* m, const int* n, const double* alpha, const double* a,
-                      const int* lda, const double* x, const int* incx, const double* beta, double* y,
-                      const int* incy) {
-  dgemv_(t, m, n, alpha, a, lda, x, incx, beta, y, incy);
-}
-
-// y[rows] = alpha * W[rows, cols] x + beta * y, W row-major. Column-major BLAS sees W^T, hence 'T'.
-template <typename T>
-inline void matvec(const T* w, int64_t rows, int64_t cols, const T* x, T* y, T alpha = T(1), T beta = T(0)) {
-  const char t = 'T';
-  const int m = static_cast<int>(cols), n = static_cast<int>(rows), one = 1;
-  blas_gemv(&t, &m, &n, &alpha, w, &m, x, &one, &beta, y, &one);
-}
+using namespace hybridattn_csrc;
 
 template <typename T>
 inline T silu(T x) {
