@@ -111,6 +111,30 @@ struct Layout {  // sizes and strides of one call
   int64_t tq, tk, hq, hkv, g, d, dv;
 };
 
+// One key head's k and v rows, gathered contiguous ([Tk, D] and [Tk, Dv]) by the thread that works on that head.
+// Why: in [B, T, H, D] a head's rows lie H * D * 4 bytes apart (2 KiB at H = 8, D = 64), and reading them in place
+// made the tiles' loads miss (4K aliasing, no prefetch): gathered once per head, the Longformer forward ran ~30%
+// faster. The tasks of a thread are consecutive (batch row, key head, query block) triples, so it gathers each
+// head it touches once.
+template <typename T>
+struct HeadRows {
+  std::vector<T> k, v;
+  int64_t current = -1;
+  void gather(const T* kp, const T* vp, int64_t bh, const Layout& lay) {
+    if (bh == current) return;
+    const int64_t bi = bh / lay.hkv, h = bh % lay.hkv;
+    k.resize(lay.tk * lay.d);
+    v.resize(lay.tk * lay.dv);
+    const T* ks = kp + bi * lay.tk * lay.hkv * lay.d + h * lay.d;
+    const T* vs = vp + bi * lay.tk * lay.hkv * lay.dv + h * lay.dv;
+    for (int64_t t = 0; t < lay.tk; ++t) {
+      std::copy(ks + t * lay.hkv * lay.d, ks + t * lay.hkv * lay.d + lay.d, k.data() + t * lay.d);
+      std::copy(vs + t * lay.hkv * lay.dv, vs + t * lay.hkv * lay.dv + lay.dv, v.data() + t * lay.dv);
+    }
+    current = bh;
+  }
+};
+
 // Runs ``fn(first, count)`` for each maximal run of pieces [first, first + count) whose keys are contiguous: one
 // GEMM per run rather than per piece.
 template <typename F>
@@ -128,7 +152,7 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
                    const T* mask, int64_t mask_stride_h, int64_t bq, int64_t mask_cols, bool shifted, T scale,
                    const Layout& lay, int64_t kvh, T* out, T* m_out, T* l_out, Work<T>& w) {
   const int64_t start = item[0], rows = item[1], g = lay.g, n = rows * g, d = lay.d, dv = lay.dv;
-  const int64_t ldq = lay.hq * d, ldk = lay.hkv * d, ldv = lay.hkv * dv, ldo = lay.hq * dv;
+  const int64_t ldq = lay.hq * d, ldk = d, ldv = dv, ldo = lay.hq * dv;  // k, v: one head's rows (HeadRows)
   // Q rows in (t, g) order: with GQA the G query heads of a key head are extra rows of one GEMM (copied, as
   // their rows are not evenly spaced). The scale goes into the GEMM's alpha, not into q: the backward recomputes
   // S as alpha (q k^T) and any difference in its rounding would reach the gradients amplified by exp().
@@ -162,7 +186,7 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
     for_key_runs(w.pieces, lo, hi, [&](size_t a, size_t b) {
       int64_t width = 0;
       for (size_t p = a; p < b; ++p) width += w.pieces[p].width;
-      mm<T>(false, true, n, width, d, scale, qb, ldqb, k + w.pieces[a].key * ldk + kvh * d, ldk, T(0), s + c0, kChunk);
+      mm<T>(false, true, n, width, d, scale, qb, ldqb, k + w.pieces[a].key * ldk, ldk, T(0), s + c0, kChunk);
       c0 += width;
     });
     for (int64_t t = 0; t < rows; ++t)
@@ -207,7 +231,7 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
     for_key_runs(w.pieces, lo, hi, [&](size_t a, size_t b) {
       int64_t width = 0;
       for (size_t p = a; p < b; ++p) width += w.pieces[p].width;
-      mm<T>(false, false, n, dv, width, T(1), s + c0, kChunk, v + w.pieces[a].key * ldv + kvh * dv, ldv,
+      mm<T>(false, false, n, dv, width, T(1), s + c0, kChunk, v + w.pieces[a].key * ldv, ldv,
             first ? T(0) : T(1), o, dv);
       first = false;
       c0 += width;
@@ -346,7 +370,7 @@ template <int R>
 void rows_block(const float* q, const float* k, const float* v, int64_t t0, int64_t nr, int64_t h,
                 const std::vector<Piece>& pieces, const float* mask, int64_t bq, bool shifted, float scale,
                 const Layout& lay, float* out, float* m_out, float* l_out, Work& w) {
-  const int64_t d = lay.d, dv = lay.dv, kvh = h / lay.g, ldk = lay.hkv * d, ldv = lay.hkv * dv;
+  const int64_t d = lay.d, dv = lay.dv, kvh = h / lay.g, ldk = d, ldv = dv;
   const __mmask16 last = static_cast<__mmask16>(nr % kLanes ? (1u << (nr % kLanes)) - 1u : 0xFFFFu);
   // The next block's q and out rows are 256 B pieces 2 KiB apart, read or written once: start fetching them now
   // (a miss on each cost as much as a tenth of the block's arithmetic).
@@ -363,8 +387,8 @@ void rows_block(const float* q, const float* k, const float* v, int64_t t0, int6
   std::fill(w.ot.begin(), w.ot.end(), 0.f);
   __m512 lsum[R];
   for (int r = 0; r < R; ++r) lsum[r] = _mm512_setzero_ps();
-  const float* kbase = k + kvh * d;
-  const float* vbase = v + kvh * dv;
+  const float* kbase = k;  // this key head's rows, gathered (HeadRows)
+  const float* vbase = v;
   for (size_t lo = 0; lo < pieces.size();) {
     size_t hi = lo;
     int64_t cols = 0;
@@ -484,6 +508,7 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
     at::parallel_for(0, b * lay.hkv * nitems, 1, [&](int64_t begin, int64_t end) {
       Work<T> w(max_rows * lay.g, lay.d, lay.dv);
+      HeadRows<T> rows;
 #if defined(__AVX512F__)
       std::unique_ptr<fast::Work> fw;
       if (std::is_same_v<T, float>) fw = std::make_unique<fast::Work>(lay.d, lay.dv);
@@ -501,20 +526,26 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           stride_h = hm > 1 ? bq * cols : 0;
           mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
         }
-        const int64_t qoff = bi * lay.tq * lay.hq * lay.d, koff = bi * lay.tk * lay.hkv * lay.d;
-        const int64_t voff = bi * lay.tk * lay.hkv * lay.dv, ooff = bi * lay.tq * lay.hq * lay.dv;
+        const int64_t qoff = bi * lay.tq * lay.hq * lay.d, ooff = bi * lay.tq * lay.hq * lay.dv;
+        const T* kh = kp + bi * lay.tk * lay.d;  // one key head: its rows already are contiguous
+        const T* vh = vp + bi * lay.tk * lay.dv;
+        if (lay.hkv > 1) {
+          rows.gather(kp, vp, bi * lay.hkv + kvh, lay);
+          kh = rows.k.data();
+          vh = rows.v.data();
+        }
         const int64_t soff = (bi * lay.hkv + kvh) * lay.tq * lay.g;
 #if defined(__AVX512F__)
         if (fw) {  // T is float
-          fast::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kp + koff),
-                              reinterpret_cast<const float*>(vp + voff), itm, pc + itm[2],
+          fast::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
+                              reinterpret_cast<const float*>(vh), itm, pc + itm[2],
                               reinterpret_cast<const float*>(mask), stride_h, bq, sh[i] != 0,
                               static_cast<float>(scale), lay, kvh, reinterpret_cast<float*>(op + ooff),
                               reinterpret_cast<float*>(mp + soff), reinterpret_cast<float*>(lp + soff), w.pieces, *fw);
           continue;
         }
 #endif
-        forward_block<T>(qp + qoff, kp + koff, vp + voff, itm, pc + itm[2], mask, stride_h, bq, cols, sh[i] != 0,
+        forward_block<T>(qp + qoff, kh, vh, itm, pc + itm[2], mask, stride_h, bq, cols, sh[i] != 0,
                          static_cast<T>(scale), lay, kvh, op + ooff, mp + soff, lp + soff, w);
       }
     });
