@@ -189,19 +189,20 @@ def native_forward(q, k, v, g, beta, h0, scale, chunk_size, *, save_states=False
 
 def native_backward(q, k, v, g, beta, states, scale, chunk_size, do, ds):
     """:func:`chunk_backward` by the compiled CPU kernel (``csrc/gated_delta_backward.cpp``), or None where it cannot
-    run."""
+    run. With ``beta=None`` it is the backward of the scalar-decay linear attention (``_gated_linear_chunk``) and the
+    returned dbeta is None."""
     if not _native.usable(q, k, v, g, beta, states, do, ds):
         return None
     ops = _native.native_ops("gated_delta_backward")
     if ops is None:
         return None
-    q, k, v, beta, states, do = (x.contiguous() for x in (q, k, v, beta, states, do))
-    g = None if g is None else g.contiguous()
+    q, k, v, states, do = (x.contiguous() for x in (q, k, v, states, do))
+    g, beta = (None if x is None else x.contiguous() for x in (g, beta))
     dq, dk, dv, dg, dbeta, dh0 = ops.gdn_chunk_bwd(q, k, v, g, beta, states, float(scale), int(chunk_size), do, ds)
     b, t, hk, d = k.shape
     if v.shape[2] != hk:  # GVA: the kernel returns dq, dk per value head; each key head gets its group's sum
         dq, dk = (x.view(b, t, hk, -1, d).sum(3) for x in (dq, dk))
-    return dq, dk, dv, (dg if g is not None else None), dbeta, dh0
+    return dq, dk, dv, (dg if g is not None else None), (dbeta if beta is not None else None), dh0
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, h0, scale, chunk_size):

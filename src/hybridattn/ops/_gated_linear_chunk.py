@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from hybridattn.ops._chunking import ChunkLayout, batch_major, chunk_states, needs_grad, token_major
-from hybridattn.ops._gated_delta_chunk import native_forward
+from hybridattn.ops._gated_delta_chunk import native_backward, native_forward
 
 
 def chunk_forward(q, k, v, g, h0, scale, chunk_size, *, states=None):
@@ -113,7 +113,11 @@ class ChunkScalarDecay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, ds):
         q, k, v, g, states = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_backward(q, k, v, g, states, ctx.scale, ctx.chunk_size, do, ds)
+        native = native_backward(q, k, v, g, None, states, ctx.scale, ctx.chunk_size, do, ds)
+        if native is None:
+            dq, dk, dv, dg, dh0 = chunk_backward(q, k, v, g, states, ctx.scale, ctx.chunk_size, do, ds)
+        else:
+            dq, dk, dv, dg, _, dh0 = native
         return dq, dk, dv, dg, (dh0 if ctx.has_h0 else None), None, None
 
 

@@ -5,10 +5,14 @@
 // forward (gated_delta.cpp), ~30 small products per chunk batched over heads leave the second core idle and pay
 // an op dispatch each.
 //
-// Inputs (contiguous, one float dtype): q, k [B, T, Hk, Dk]; v, do [B, T, Hv, Dv]; g (optional), beta [B, T, Hv];
+// Without beta it is the backward of the scalar-decay linear attention (simple_gla, retention, linear_attention):
+// the chunk writes V itself, so the solve and the delta rule's terms drop out.
+//
+// Inputs (contiguous, one float dtype): q, k [B, T, Hk, Dk]; v, do [B, T, Hv, Dv]; g, beta [B, T, Hv] (optional);
 // states [N, B*Hv, Dk, Dv] (the forward's chunk-start states); ds [B, Hv, Dk, Dv] (the final state's gradient).
 // Returns dq, dk per VALUE head [B, T, Hv, Dk] (the caller sums each GVA group: two threads never write one key
-// head), dv [B, T, Hv, Dv], dg [B, T, Hv] (empty without g), dbeta [B, T, Hv] and dh0 [B, Hv, Dk, Dv].
+// head), dv [B, T, Hv, Dv], dg [B, T, Hv] (empty without g), dbeta [B, T, Hv] (empty without beta) and
+// dh0 [B, Hv, Dk, Dv].
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,6 +38,32 @@ struct Grad {  // one thread's per-chunk buffers
         da(c * c), dks(c * dv), sym(c * c), dsn(dk * dv), ds(dk * dv), dgm(c), dec(c) {}
 };
 
+// The delta rule's own terms of a chunk's gradients, given dr = (I + A)^-T dN and dA: r = beta (V - G K S) gives
+// dV = beta dr, dbeta = <dr, vr> + <dA, K K^T L>_row and d(KS) = -G beta dr; A = beta K K^T * L gives
+// dK = (dKK + dKK^T) K + dKS S^T (the caller adds the terms shared with plain linear attention).
+template <typename T>
+void delta_input_grads(int64_t cc, int64_t dk, int64_t dv, const T* kc, int64_t ldq, const T* s, const T* bt,
+                       int64_t ldg, const T* dr, const T* vr, const T* kk, const T* l, const T* da, const T* gexp,
+                       T* dvc, int64_t ldv, T* dbeta, T* dks, T* sym, T* dkc, int64_t lddk) {
+  for (int64_t i = 0; i < cc; ++i) {
+    const T bi = bt[i * ldg], gi = gexp ? gexp[i] : T(1);
+    T acc = 0;
+    for (int64_t x = 0; x < dv; ++x) {
+      const T d = dr[i * dv + x];
+      acc += d * vr[i * dv + x];
+      dvc[i * ldv + x] = bi * d;
+      dks[i * dv + x] = -gi * bi * d;
+    }
+    for (int64_t j = 0; j < i; ++j) acc += da[i * cc + j] * kk[i * cc + j] * l[i * cc + j];
+    dbeta[i * ldg] = acc;
+  }
+  for (int64_t i = 0; i < cc; ++i)
+    for (int64_t j = 0; j < cc; ++j)
+      sym[i * cc + j] = da[i * cc + j] * l[i * cc + j] * bt[i * ldg] + da[j * cc + i] * l[j * cc + i] * bt[j * ldg];
+  mm<T>(false, false, cc, dk, cc, T(1), sym, cc, kc, ldq, T(0), dkc, lddk);
+  mm<T>(false, true, cc, dk, dv, T(1), dks, dv, s, dv, T(1), dkc, lddk);
+}
+
 template <typename T>
 void backward_head(const T* q, const T* k, const T* v, const T* g, const T* beta, const T* dout, const T* states,
                    int64_t states_stride, T* dq, T* dkey, T* dval, T* dg, T* dbeta, T* dstate, int64_t t, int64_t c,
@@ -45,43 +75,55 @@ void backward_head(const T* q, const T* k, const T* v, const T* g, const T* beta
     const int64_t lo = n * c, cc = std::min(c, t - lo);
     const T *qc = q + lo * ldq, *kc = k + lo * ldq, *vc = v + lo * ldv, *doc = dout + lo * ldv;
     const T* s = states + n * states_stride;
-    const T* bt = beta + lo * ldg;
+    // Without beta (scalar-decay linear attention) the chunk writes V itself: N = V, no A, no solve.
+    const bool delta = beta != nullptr;
+    const T* bt = delta ? beta + lo * ldg : nullptr;
     if (g) w.dec.compute(g + lo * ldg, ldg, cc);
     const ChunkDecay<T>& dec = w.dec;
     auto G = [&](int64_t i) { return g ? dec.gexp[i] : T(1); };
     auto E = [&](int64_t i) { return g ? dec.kdec[i] : T(1); };
     // Recompute: L, A = strict_lower(beta K K^T * L), P = scale Q K^T * L, KS, QS, vr = V - G KS, N.
     T *kk = w.kk.data(), *qk = w.qk.data(), *l = w.l.data(), *a = w.a.data(), *p = w.p.data();
-    mm<T>(false, true, cc, cc, dk, T(1), kc, ldq, kc, ldq, T(0), kk, cc);
+    if (delta) mm<T>(false, true, cc, cc, dk, T(1), kc, ldq, kc, ldq, T(0), kk, cc);
     mm<T>(false, true, cc, cc, dk, T(1), qc, ldq, kc, ldq, T(0), qk, cc);
     for (int64_t i = 0; i < cc; ++i) {
-      const T bi = bt[i * ldg];
+      const T bi = delta ? bt[i * ldg] : T(0);
       for (int64_t j = 0; j < cc; ++j) {
         const T lij = j > i ? T(0) : (g ? dec.decay(i, j) : T(1));
         l[i * cc + j] = lij;
-        a[i * cc + j] = j < i ? kk[i * cc + j] * lij * bi : T(0);
+        if (delta) a[i * cc + j] = j < i ? kk[i * cc + j] * lij * bi : T(0);
         p[i * cc + j] = qk[i * cc + j] * lij * scale;
       }
     }
     T *ks = w.ks.data(), *qs = w.qs.data(), *vr = w.vr.data(), *nw = w.nw.data();
-    mm<T>(false, false, cc, dv, dk, T(1), kc, ldq, s, dv, T(0), ks, dv);
-    mm<T>(false, false, cc, dv, dk, T(1), qc, ldq, s, dv, T(0), qs, dv);
-    for (int64_t i = 0; i < cc; ++i) {
-      const T gi = G(i), bi = bt[i * ldg];
-      for (int64_t x = 0; x < dv; ++x) {
-        vr[i * dv + x] = vc[i * ldv + x] - gi * ks[i * dv + x];
-        nw[i * dv + x] = bi * vr[i * dv + x];
+    if (g) mm<T>(false, false, cc, dv, dk, T(1), qc, ldq, s, dv, T(0), qs, dv);
+    const T* nwp = vc;  // N, the chunk's writes
+    int64_t ldn = ldv;
+    if (delta) {
+      mm<T>(false, false, cc, dv, dk, T(1), kc, ldq, s, dv, T(0), ks, dv);
+      for (int64_t i = 0; i < cc; ++i) {
+        const T gi = G(i), bi = bt[i * ldg];
+        for (int64_t x = 0; x < dv; ++x) {
+          vr[i * dv + x] = vc[i * ldv + x] - gi * ks[i * dv + x];
+          nw[i * dv + x] = bi * vr[i * dv + x];
+        }
       }
+      solve_unit_lower<T>(cc, dv, a, cc, nw, dv);
+      nwp = nw;
+      ldn = dv;
     }
-    solve_unit_lower<T>(cc, dv, a, cc, nw, dv);
     T* kd = w.kd.data();
     for (int64_t i = 0; i < cc; ++i)
       for (int64_t x = 0; x < dk; ++x) kd[i * dk + x] = E(i) * kc[i * ldq + x];
     // O = scale diag(G) Q S + P N and S' = G_C S + Kd^T N: dN = Kd dS + P^T dO, dP = dO N^T.
-    T *dnew = w.dnew.data(), *dp = w.dp.data(), *dqk = w.dqk.data(), *dog = w.dog.data();
-    mm<T>(false, false, cc, dv, dk, T(1), kd, dk, ds, dv, T(0), dnew, dv);
-    mm<T>(true, false, cc, dv, cc, T(1), p, cc, doc, ldv, T(1), dnew, dv);
-    mm<T>(false, true, cc, cc, dv, T(1), doc, ldv, nw, dv, T(0), dp, cc);
+    // Without the delta rule dN is dV itself: written straight into the output.
+    T *dp = w.dp.data(), *dqk = w.dqk.data(), *dog = w.dog.data();
+    T* dvc = dval + lo * ldv;
+    T* dnew = delta ? w.dnew.data() : dvc;
+    const int64_t ldd = delta ? dv : ldv;
+    mm<T>(false, false, cc, dv, dk, T(1), kd, dk, ds, dv, T(0), dnew, ldd);
+    mm<T>(true, false, cc, dv, cc, T(1), p, cc, doc, ldv, T(1), dnew, ldd);
+    mm<T>(false, true, cc, cc, dv, T(1), doc, ldv, nwp, ldn, T(0), dp, cc);
     for (int64_t x = 0; x < cc * cc; ++x) dqk[x] = dp[x] * l[x];
     for (int64_t i = 0; i < cc; ++i)
       for (int64_t x = 0; x < dv; ++x) dog[i * dv + x] = G(i) * doc[i * ldv + x];
@@ -90,36 +132,21 @@ void backward_head(const T* q, const T* k, const T* v, const T* g, const T* beta
     mm<T>(false, false, cc, dk, cc, scale, dqk, cc, kc, ldq, T(0), dqc, lddk);
     mm<T>(false, true, cc, dk, dv, scale, dog, dv, s, dv, T(1), dqc, lddk);
     T* dkd = w.dkd.data();
-    mm<T>(false, true, cc, dk, dv, T(1), nw, dv, ds, dv, T(0), dkd, dk);
-    // N = (I + A)^-1 r: dr = (I + A)^-T dN (in dnew), dA = -strict_lower(dr N^T).
-    solve_unit_lower<T>(cc, dv, a, cc, dnew, dv, /*transpose=*/true);
+    mm<T>(false, true, cc, dk, dv, T(1), nwp, ldn, ds, dv, T(0), dkd, dk);
     T* da = w.da.data();
-    mm<T>(false, true, cc, cc, dv, T(-1), dnew, dv, nw, dv, T(0), da, cc);
-    for (int64_t i = 0; i < cc; ++i) std::fill(da + i * cc + i, da + (i + 1) * cc, T(0));
-    // r = beta (V - G K S): dV = beta dr, dbeta = <dr, vr> + <dA, K K^T L>_row, d(KS) = -G beta dr.
     T* dks = w.dks.data();
-    T* dvc = dval + lo * ldv;
-    for (int64_t i = 0; i < cc; ++i) {
-      const T bi = bt[i * ldg], gi = G(i);
-      T acc = 0;
-      for (int64_t x = 0; x < dv; ++x) {
-        const T dr = dnew[i * dv + x];
-        acc += dr * vr[i * dv + x];
-        dvc[i * ldv + x] = bi * dr;
-        dks[i * dv + x] = -gi * bi * dr;
-      }
-      for (int64_t j = 0; j < i; ++j) acc += da[i * cc + j] * kk[i * cc + j] * l[i * cc + j];
-      dbeta[(lo + i) * ldg] = acc;
-    }
-    // A = beta K K^T * L, P = scale Q K^T * L: dK = (dKK + dKK^T) K + scale dQK^T Q + dKS S^T + diag(e) dKd.
-    T* sym = w.sym.data();
-    for (int64_t i = 0; i < cc; ++i)
-      for (int64_t j = 0; j < cc; ++j)
-        sym[i * cc + j] = da[i * cc + j] * l[i * cc + j] * bt[i * ldg] + da[j * cc + i] * l[j * cc + i] * bt[j * ldg];
     T* dkc = dkey + lo * lddk;
-    mm<T>(false, false, cc, dk, cc, T(1), sym, cc, kc, ldq, T(0), dkc, lddk);
-    mm<T>(true, false, cc, dk, cc, scale, dqk, cc, qc, ldq, T(1), dkc, lddk);
-    mm<T>(false, true, cc, dk, dv, T(1), dks, dv, s, dv, T(1), dkc, lddk);
+    if (delta) {
+      // N = (I + A)^-1 r: dr = (I + A)^-T dN (in dnew), dA = -strict_lower(dr N^T).
+      solve_unit_lower<T>(cc, dv, a, cc, dnew, dv, /*transpose=*/true);
+      mm<T>(false, true, cc, cc, dv, T(-1), dnew, dv, nw, dv, T(0), da, cc);
+      for (int64_t i = 0; i < cc; ++i) std::fill(da + i * cc + i, da + (i + 1) * cc, T(0));
+      delta_input_grads<T>(cc, dk, dv, kc, ldq, s, bt, ldg, dnew, vr, kk, l, da, g ? dec.gexp.data() : nullptr, dvc,
+                           ldv, dbeta + lo * ldg, dks, w.sym.data(), dkc, lddk);
+      mm<T>(true, false, cc, dk, cc, scale, dqk, cc, qc, ldq, T(1), dkc, lddk);
+    } else {
+      mm<T>(true, false, cc, dk, cc, scale, dqk, cc, qc, ldq, T(0), dkc, lddk);
+    }
     for (int64_t i = 0; i < cc; ++i)
       for (int64_t x = 0; x < dk; ++x) dkc[i * lddk + x] += E(i) * dkd[i * dk + x];
     if (g) {
@@ -128,16 +155,20 @@ void backward_head(const T* q, const T* k, const T* v, const T* g, const T* beta
       T de_sum = 0;
       for (int64_t i = 0; i < cc; ++i) {
         T dgexp = 0, de = 0;
-        for (int64_t x = 0; x < dv; ++x) dgexp += scale * doc[i * ldv + x] * qs[i * dv + x] - dvc[i * ldv + x] * ks[i * dv + x];
+        for (int64_t x = 0; x < dv; ++x) dgexp += scale * doc[i * ldv + x] * qs[i * dv + x];
+        if (delta)
+          for (int64_t x = 0; x < dv; ++x) dgexp -= dvc[i * ldv + x] * ks[i * dv + x];
         for (int64_t x = 0; x < dk; ++x) de += kc[i * ldq + x] * dkd[i * dk + x];
         de *= dec.kdec[i];
         de_sum += de;
         dgm[i] = dgexp * dec.gexp[i] - de;
       }
       for (int64_t i = 0; i < cc; ++i) {
-        const T bi = bt[i * ldg];
+        const T bi = delta ? bt[i * ldg] : T(0);
         for (int64_t j = 0; j <= i; ++j) {
-          const T dl = (da[i * cc + j] * bi * kk[i * cc + j] + dp[i * cc + j] * qk[i * cc + j] * scale) * l[i * cc + j];
+          T dl = dp[i * cc + j] * qk[i * cc + j] * scale;
+          if (delta) dl += da[i * cc + j] * bi * kk[i * cc + j];
+          dl *= l[i * cc + j];
           dgm[i] += dl;
           dgm[j] -= dl;
         }
@@ -156,30 +187,30 @@ void backward_head(const T* q, const T* k, const T* v, const T* g, const T* beta
     T* dsn = w.dsn.data();
     const T gc = G(cc - 1);
     for (int64_t x = 0; x < dk * dv; ++x) dsn[x] = gc * ds[x];
-    mm<T>(true, false, dk, dv, cc, T(1), kc, ldq, dks, dv, T(1), dsn, dv);
+    if (delta) mm<T>(true, false, dk, dv, cc, T(1), kc, ldq, dks, dv, T(1), dsn, dv);
     mm<T>(true, false, dk, dv, cc, scale, qc, ldq, dog, dv, T(1), dsn, dv);
     std::swap(w.ds, w.dsn);
     ds = w.ds.data();
   }
   std::copy(ds, ds + dk * dv, dstate);
 }
-
 std::vector<at::Tensor> gdn_chunk_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const c10::optional<at::Tensor>& g, const at::Tensor& beta,
+                                      const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& beta,
                                       const at::Tensor& states, double scale, int64_t chunk_size,
                                       const at::Tensor& dout, const at::Tensor& dstate) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && beta.is_contiguous() &&
-                  states.is_contiguous() && dout.is_contiguous(),
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && states.is_contiguous() &&
+                  dout.is_contiguous(),
               "gdn_chunk_bwd: inputs must be contiguous");
   const int64_t b = k.size(0), t = k.size(1), hk = k.size(2), dk = k.size(3), hv = v.size(2), dv = v.size(3);
   const int64_t grp = hv / hk, c = chunk_size;
   at::Tensor dq = at::empty({b, t, hv, dk}, q.options()), dkey = at::empty({b, t, hv, dk}, q.options());
   at::Tensor dval = at::empty({b, t, hv, dv}, v.options());
   at::Tensor dg = g.has_value() ? at::empty({b, t, hv}, v.options()) : at::empty({0}, v.options());
-  at::Tensor dbeta = at::empty({b, t, hv}, v.options());
+  at::Tensor dbeta = beta.has_value() ? at::empty({b, t, hv}, v.options()) : at::empty({0}, v.options());
   at::Tensor dh0 = dstate.contiguous().clone();
-  at::Tensor gc;
+  at::Tensor gc, bc;
   if (g.has_value()) gc = g->contiguous();
+  if (beta.has_value()) bc = beta->contiguous();
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "gdn_chunk_bwd", [&] {
     using T = scalar_t;
     at::parallel_for(0, b * hv, 1, [&](int64_t begin, int64_t end) {
@@ -189,10 +220,12 @@ std::vector<at::Tensor> gdn_chunk_bwd(const at::Tensor& q, const at::Tensor& k, 
         const int64_t qoff = bi * t * hk * dk + kh * dk, voff = bi * t * hv * dv + h * dv, goff = bi * t * hv + h;
         const int64_t koff = bi * t * hv * dk + h * dk;  // dq, dk per value head
         backward_head<T>(q.data_ptr<T>() + qoff, k.data_ptr<T>() + qoff, v.data_ptr<T>() + voff,
-                         g.has_value() ? gc.data_ptr<T>() + goff : nullptr, beta.data_ptr<T>() + goff,
+                         g.has_value() ? gc.data_ptr<T>() + goff : nullptr,
+                         beta.has_value() ? bc.data_ptr<T>() + goff : nullptr,
                          dout.data_ptr<T>() + voff, states.data_ptr<T>() + bh * dk * dv, b * hv * dk * dv,
                          dq.data_ptr<T>() + koff, dkey.data_ptr<T>() + koff, dval.data_ptr<T>() + voff,
-                         g.has_value() ? dg.data_ptr<T>() + goff : nullptr, dbeta.data_ptr<T>() + goff,
+                         g.has_value() ? dg.data_ptr<T>() + goff : nullptr,
+                         beta.has_value() ? dbeta.data_ptr<T>() + goff : nullptr,
                          dh0.data_ptr<T>() + bh * dk * dv, t, c, dk, dv, hk * dk, hv * dv, hv, hv * dk,
                          static_cast<T>(scale), w);
       }
@@ -204,7 +237,7 @@ std::vector<at::Tensor> gdn_chunk_bwd(const at::Tensor& q, const at::Tensor& k, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hybridattn, m) {
-  m.def("gdn_chunk_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor beta, Tensor states, float scale, "
+  m.def("gdn_chunk_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, Tensor states, float scale, "
         "int chunk_size, Tensor dout, Tensor dstate) -> Tensor[]");
 }
 
