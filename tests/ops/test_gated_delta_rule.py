@@ -5,6 +5,7 @@ independent implementation."""
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 
 import pytest
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("kernel")
 def test_native_kernel_builds(kernel):
     """Where a C++ compiler exists the kernel must build: otherwise every "native" case above would silently test
     the PyTorch forms twice."""
-    if kernel == "torch" or shutil.which("c++") is None or _native.os.environ.get("HYBRIDATTN_NATIVE") == "0":
+    if kernel == "torch" or shutil.which("c++") is None or os.environ.get("HYBRIDATTN_NATIVE") == "0":
         pytest.skip("no C++ compiler on PATH, or HYBRIDATTN_NATIVE=0: the ops use the PyTorch forms")
     assert _native.native_ops("gated_delta") is not None
 

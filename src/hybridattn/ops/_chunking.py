@@ -138,6 +138,16 @@ class ChunkLayout:
         return buf
 
 
+def decay_gradient(dgexp, de, dl, ds, s, gexp):
+    """``d gamma [BH, cc, 1]`` of one chunk for the hand-written backwards, from the gradients reaching
+    ``G = exp(gamma)`` (``dgexp``, per row), ``e = exp(gamma_C - gamma)`` (``de``, already times ``e``) and
+    ``L[i, j] = exp(gamma_i - gamma_j)`` (``dl = dL * L``), plus ``G_C``'s read of the chunk-start state ``s``
+    (``ds`` the gradient of the chunk-end state)."""
+    dgm = dgexp * gexp - de + dl.sum(-1, keepdim=True) - dl.sum(-2).unsqueeze(-1)
+    dgm[:, -1] += de.sum(-2) + (ds * s).sum((-1, -2)).unsqueeze(-1) * gexp[:, -1]
+    return dgm
+
+
 def chunk_states(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """An empty ``[N, B*Hv, Dk, Dv]`` buffer for the chunk-start states a forward saves for its backward."""
     b, t, _, dk = q.shape

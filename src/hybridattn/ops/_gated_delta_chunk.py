@@ -32,7 +32,9 @@ from __future__ import annotations
 import torch
 
 from hybridattn.ops import _native
-from hybridattn.ops._chunking import ChunkLayout, batch_major, chunk_states, exp_flushed, needs_grad, token_major
+from hybridattn.ops._chunking import (
+    ChunkLayout, batch_major, chunk_states, decay_gradient, exp_flushed, needs_grad, token_major,
+)
 
 def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
     """``(I + strict_lower(a))^-1 rhs`` (or ``(I + strict_lower(a))^-T rhs`` with ``transpose``) for ``[N, C, C]``
@@ -129,9 +131,7 @@ def chunk_backward(q, k, v, g, beta, states, scale, chunk_size, do, ds):
             dgexp = (doc * qs).sum(-1, keepdim=True).mul_(scale) - (dv_c * ks).sum(-1, keepdim=True)
             de = (kc * dkd).sum(-1, keepdim=True) * kdec
             dl = (da * bt * kk + dp * qk * scale) * decay
-            dgm = dgexp * gexp - de + dl.sum(-1, keepdim=True) - dl.sum(-2).unsqueeze(-1)
-            dgm[:, -1] += de.sum(-2) + (ds * s).sum((-1, -2)).unsqueeze(-1) * gexp[:, -1]
-            dgam[i, :, : hi - lo] = dgm
+            dgam[i, :, : hi - lo] = decay_gradient(dgexp, de, dl, ds, s, gexp)
             ds_prev.add_(ds * gexp[:, -1:])
         else:
             ds_prev.add_(ds)

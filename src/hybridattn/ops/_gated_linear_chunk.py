@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from hybridattn.ops._chunking import ChunkLayout, batch_major, chunk_states, needs_grad, token_major
+from hybridattn.ops._chunking import (
+    ChunkLayout, batch_major, chunk_states, decay_gradient, needs_grad, token_major,
+)
 from hybridattn.ops._gated_delta_chunk import native_backward, native_forward
 
 
@@ -78,11 +80,8 @@ def chunk_backward(q, k, v, g, states, scale, chunk_size, do, ds):
         if gexp is not None:
             qs = torch.bmm(qc, s)
             de = (kc * dvd).sum(-1, keepdim=True) * kdec
-            dl = dqk * qk * scale
-            dgm = (doc * qs).sum(-1, keepdim=True).mul_(scale).mul_(gexp) - de
-            dgm = dgm + dl.sum(-1, keepdim=True) - dl.sum(-2).unsqueeze(-1)
-            dgm[:, -1] += de.sum(-2) + (ds * s).sum((-1, -2)).unsqueeze(-1) * gexp[:, -1]
-            dgam[i, :, : hi - lo] = dgm
+            dgexp = (doc * qs).sum(-1, keepdim=True).mul_(scale)
+            dgam[i, :, : hi - lo] = decay_gradient(dgexp, de, dqk * qk * scale, ds, s, gexp)
             ds_prev.add_(ds * gexp[:, -1:])
         else:
             ds_prev.add_(ds)
