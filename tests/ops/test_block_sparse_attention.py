@@ -112,6 +112,35 @@ def test_production_head_dims_and_tiles():
              block_k=64, q_gain=torch.full((300,), 4.0))
 
 
+def test_register_tiles_on_dims_off_the_vector_width():
+    # D = 24 and Dv = 40 leave partial 16-lane columns in the in-register transposes of Q and O; a window of
+    # (37, 11) keys cuts 64-row blocks' edge tiles into triangles, computed per 16-row vector (a window's
+    # diagonal key runs); 200 rows end on a 8-row block
+    spec = masks.sliding_window(37, 11) & masks.padding(torch.tensor([200, 157]))
+    _compare(spec, tq=200, tk=200, hq=6, hkv=2, d=24, dv=40, block_q=64, block_k=32)
+    _compare(masks.longformer(21, [0, 130]), b=1, tq=150, tk=150, hq=3, hkv=3, d=17, dv=33, block_q=64,
+             block_k=16)
+
+
+def test_shift_bound_is_the_largest_row_norm():
+    # the compiled kernel's own row-norm pass and torch's vector_norm give the same per-block decision
+    gen = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 77, 4, 20, generator=gen), torch.randn(2, 77, 2, 20, generator=gen)
+    q[:, 40:] *= 9.0
+    plan = plan_blocks(masks.sliding_window(9), 77, 77, 8, 8)
+    shifted = _shift_needed(q, k, plan, 20 ** -0.5)
+    with _native.disabled():
+        assert _shift_needed(q, k, plan, 20 ** -0.5) == shifted
+    assert any(shifted) and not all(shifted)
+    ops = _native.native_ops("block_sparse")
+    if ops is not None:
+        for x in (q, k, q.double()):
+            want = torch.linalg.vector_norm(x, dim=-1).amax(dim=(0, 2))
+            torch.testing.assert_close(ops.row_norm_max(x), want, rtol=1e-6, atol=0)
+        q[1, 5, 2, 3] = float("nan")
+        assert ops.row_norm_max(q)[5].isnan() and not ops.row_norm_max(q)[4].isnan()
+
+
 def test_float64_inputs():
     spec = masks.longformer(5, [0, 30]) & masks.padding(torch.tensor([45, 28]))
     _compare(spec, dtype=torch.float64)

@@ -152,9 +152,14 @@ def _zero_row_outputs(x: torch.Tensor, grp: BlockGroup, blk: QueryBlock, batch: 
 def _shift_needed(q, k, plan: BlockPlan, scale: float) -> list[bool]:
     """Per query block of ``plan.blocks``: whether its logits may leave ``[-EXP_SAFE, EXP_SAFE]``, so that exp()
     needs the row-max shift (bound: ``|scale| * max |q_i| * max |k_j|`` over the block's rows and keys)."""
-    acc = accumulation_dtype(q.dtype)
-    qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax(dim=(0, 2)) * abs(scale)  # (Tq,)
-    kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax(dim=(0, 2))  # (Tk,)
+    ops = _native.native_ops("block_sparse") if _native.usable(q, k) else None
+    if ops is not None:  # one pass over each tensor; the two reductions below take ~3x as long
+        qn = ops.row_norm_max(q.detach().contiguous()) * abs(scale)  # (Tq,)
+        kn = ops.row_norm_max(k.detach().contiguous())  # (Tk,)
+    else:
+        acc = accumulation_dtype(q.dtype)
+        qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax(dim=(0, 2)) * abs(scale)  # (Tq,)
+        kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax(dim=(0, 2))  # (Tk,)
     nk = -(-plan.kv_len // plan.block_k)
     k_max = F.pad(kn, (0, nk * plan.block_k - plan.kv_len)).view(nk, plan.block_k).amax(1)
     safe = []

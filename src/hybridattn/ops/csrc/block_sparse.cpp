@@ -32,18 +32,13 @@
 #include <vector>
 
 #include "blas.h"
-#include "simd_exp.h"
+#include "block_sparse.h"
+#include "block_sparse_avx512.h"
 
 namespace {
 
 using namespace hybridattn_csrc;
-
-// As ops/block_sparse_attention.py EXP_SAFE: shifted logits are clamped to [-40, 0], so kept keys weigh at least
-// e^-40 (never subnormal) and the backward, which clamps the same way, recomputes the same weights.
-constexpr double kExpSafe = 40.0;
-// Columns of S per pass: a 64-row block's S stays in L2 however many keys the block reads (global tokens' rows
-// read all of them); longer key lists take several passes with the online-softmax rescale.
-constexpr int64_t kChunk = 1024;
+using namespace hybridattn_csrc::sparse;
 
 // One row of one piece: s <- exp(s - shift) (clamped to [-EXP_SAFE, 0] when shifted), times keep (read every
 // ks-th element: the masks are stored column-major) when masked; returns the row sum. The generic path (float64,
@@ -70,45 +65,11 @@ inline T max_row(const T* s, const T* keep, int64_t ks, int64_t n, T start) {
   return mx;
 }
 
-#if defined(__AVX512F__)
-template <bool kShifted, bool kMasked>
-inline __m512 exp_step(__m512 x, __m512 shift, const float* keep, __mmask16 lanes) {
-  x = _mm512_sub_ps(x, shift);
-  if (kShifted) x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-float(kExpSafe))), _mm512_setzero_ps());
-  __m512 e = exp16(x);
-  if (kMasked) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(lanes, keep));
-  return e;
-}
-#endif
-
-struct Piece {
-  int64_t key, width, mask_col;
-};
-
-// A query block's pieces, split at kChunk columns.
-inline void split_pieces(const int64_t* item, const Piece* pieces_in, std::vector<Piece>& out) {
-  out.clear();
-  for (int64_t p = item[2]; p < item[3]; ++p) {
-    Piece pc = pieces_in[p - item[2]];
-    while (pc.width > 0) {
-      const int64_t wd = std::min(pc.width, kChunk);
-      out.push_back({pc.key, wd, pc.mask_col});
-      pc.key += wd;
-      pc.width -= wd;
-      if (pc.mask_col >= 0) pc.mask_col += wd;
-    }
-  }
-}
-
 template <typename T>
 struct Work {  // one thread's buffers, reused for every query block it owns
   std::vector<T> q, s, o, m, l;
   std::vector<Piece> pieces;
   Work(int64_t rows, int64_t d, int64_t dv) : q(rows * d), s(rows * kChunk), o(rows * dv), m(rows), l(rows) {}
-};
-
-struct Layout {  // sizes and strides of one call
-  int64_t tq, tk, hq, hkv, g, d, dv;
 };
 
 // One key head's k and v rows, gathered contiguous ([Tk, D] and [Tk, Dv]) by the thread that works on that head.
@@ -127,9 +88,14 @@ struct HeadRows {
     v.resize(lay.tk * lay.dv);
     const T* ks = kp + bi * lay.tk * lay.hkv * lay.d + h * lay.d;
     const T* vs = vp + bi * lay.tk * lay.hkv * lay.dv + h * lay.dv;
+    // plain loops, not std::copy: a libc memmove call per 256-byte row cost more than the copy itself
+    T* kd = k.data();
+    T* vd = v.data();
     for (int64_t t = 0; t < lay.tk; ++t) {
-      std::copy(ks + t * lay.hkv * lay.d, ks + t * lay.hkv * lay.d + lay.d, k.data() + t * lay.d);
-      std::copy(vs + t * lay.hkv * lay.dv, vs + t * lay.hkv * lay.dv + lay.dv, v.data() + t * lay.dv);
+      const T* kr = ks + t * lay.hkv * lay.d;
+      const T* vr = vs + t * lay.hkv * lay.dv;
+      for (int64_t x = 0; x < lay.d; ++x) kd[t * lay.d + x] = kr[x];
+      for (int64_t x = 0; x < lay.dv; ++x) vd[t * lay.dv + x] = vr[x];
     }
     current = bh;
   }
@@ -255,227 +221,6 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
     }
 }
 
-#if defined(__AVX512F__)
-// The float path with AVX-512 and hand-written GEMM tiles instead of BLAS: MKL reaches only ~75% of its large-matmul
-// rate on these [64, 64] x [64, ~600] products (it packs k afresh on every call), and the exp could not join the
-// GEMM. Here query rows lie across the vector lanes (Q^T packed once per block, up to 64 rows = 4 vectors), so
-//   S^T tile:  acc[key j][rows] += k[j, x] * Q^T[x, rows]   (k[j, x] broadcast straight from k: no packing),
-// with exp, mask and row sums applied to the accumulators before they are stored as E^T, and
-//   O^T tile:  acc[x][rows] += v[j, x] * E^T[j, rows]        (v[j, x] broadcast straight from v).
-// The masks are stored column-major ([.., X, bq]) so that a key's keep flags over the rows are one vector.
-namespace fast {
-
-constexpr int kLanes = 16, kMaxVec = 4, kMaxRows = kLanes * kMaxVec, kKeyTile = 6, kOutTile = 6;
-
-struct Work {
-  std::vector<float> qt, et, ot;
-  alignas(64) float m[kMaxRows], l[kMaxRows];
-  Work(int64_t d, int64_t dv) : qt(d * kMaxRows), et(kChunk * kMaxRows), ot(dv * kMaxRows) {}
-};
-
-// E^T rows for keys kp[0..J) (or raw S^T when kRaw: the shifted path takes the row maxima first).
-template <int R, int J, bool kRaw, bool kShifted, bool kMasked>
-inline void score_tile(const float* qt, int64_t d, const float* const* kp, const float* keep, int64_t ldm,
-                       __mmask16 last, const float* shift, __m512* lsum, float* et) {
-  __m512 acc[J][R];
-  for (int j = 0; j < J; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  for (int64_t x = 0; x < d; ++x) {
-    __m512 qv[R];
-    for (int r = 0; r < R; ++r) qv[r] = _mm512_loadu_ps(qt + x * kMaxRows + r * kLanes);
-    for (int j = 0; j < J; ++j) {
-      const __m512 kb = _mm512_set1_ps(kp[j][x]);
-      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_fmadd_ps(kb, qv[r], acc[j][r]);
-    }
-  }
-  for (int j = 0; j < J; ++j)
-    for (int r = 0; r < R; ++r) {
-      __m512 e = acc[j][r];
-      if (!kRaw) {
-        e = exp_step<kShifted, kMasked>(e, _mm512_loadu_ps(shift + r * kLanes), keep + j * ldm + r * kLanes,
-                                        r == R - 1 ? last : __mmask16(0xFFFF));
-        lsum[r] = _mm512_add_ps(lsum[r], e);
-      }
-      _mm512_storeu_ps(et + j * kMaxRows + r * kLanes, e);
-    }
-}
-
-template <int R, bool kRaw, bool kShifted, bool kMasked>
-void score_piece(const float* qt, int64_t d, const float* k, int64_t ldk, int64_t width, const float* keep,
-                 int64_t ldm, __mmask16 last, const float* shift, __m512* lsum, float* et) {
-  const float* kp[kKeyTile];
-  int64_t j = 0;
-  for (; j + kKeyTile <= width; j += kKeyTile) {
-    for (int t = 0; t < kKeyTile; ++t) kp[t] = k + (j + t) * ldk;
-    score_tile<R, kKeyTile, kRaw, kShifted, kMasked>(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum,
-                                                     et + j * kMaxRows);
-  }
-  for (int t = 0; j + t < width; ++t) kp[t] = k + (j + t) * ldk;
-  auto tail = [&](auto tile) { tile(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum, et + j * kMaxRows); };
-  switch (width - j) {
-    case 5: tail(score_tile<R, 5, kRaw, kShifted, kMasked>); break;
-    case 4: tail(score_tile<R, 4, kRaw, kShifted, kMasked>); break;
-    case 3: tail(score_tile<R, 3, kRaw, kShifted, kMasked>); break;
-    case 2: tail(score_tile<R, 2, kRaw, kShifted, kMasked>); break;
-    case 1: tail(score_tile<R, 1, kRaw, kShifted, kMasked>); break;
-    default: break;
-  }
-}
-
-template <int R, int X>
-inline void out_tile(const float* et, int64_t width, const float* v, int64_t ldv, float* ot) {
-  __m512 acc[X][R];
-  for (int x = 0; x < X; ++x)
-    for (int r = 0; r < R; ++r) acc[x][r] = _mm512_loadu_ps(ot + x * kMaxRows + r * kLanes);
-  for (int64_t j = 0; j < width; ++j) {
-    __m512 ev[R];
-    for (int r = 0; r < R; ++r) ev[r] = _mm512_loadu_ps(et + j * kMaxRows + r * kLanes);
-    const float* vj = v + j * ldv;
-    for (int x = 0; x < X; ++x) {
-      const __m512 vb = _mm512_set1_ps(vj[x]);
-      for (int r = 0; r < R; ++r) acc[x][r] = _mm512_fmadd_ps(vb, ev[r], acc[x][r]);
-    }
-  }
-  for (int x = 0; x < X; ++x)
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(ot + x * kMaxRows + r * kLanes, acc[x][r]);
-}
-
-// Keys in blocks of kOutKeys, all of O^T's columns per block: the block's E^T rows and v rows (16 KiB each) stay
-// in L1 across the Dv / 6 passes instead of streaming from L2 on each.
-constexpr int64_t kOutKeys = 64;
-
-template <int R>
-void out_piece(const float* et, int64_t width, const float* v, int64_t ldv, int64_t dv, float* ot) {
-  for (int64_t j = 0; j < width; j += kOutKeys) {
-    const int64_t n = std::min(kOutKeys, width - j);
-    const float* e = et + j * kMaxRows;
-    const float* vj = v + j * ldv;
-    int64_t x = 0;
-    for (; x + kOutTile <= dv; x += kOutTile) out_tile<R, kOutTile>(e, n, vj + x, ldv, ot + x * kMaxRows);
-    // one tile for the remainder: single columns would load E^T once per 4 FMAs (64 = 10 * 6 + 4)
-    switch (dv - x) {
-      case 5: out_tile<R, 5>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
-      case 4: out_tile<R, 4>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
-      case 3: out_tile<R, 3>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
-      case 2: out_tile<R, 2>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
-      case 1: out_tile<R, 1>(e, n, vj + x, ldv, ot + x * kMaxRows); break;
-      default: break;
-    }
-  }
-}
-
-// Query rows [t0, t0 + nr) of head h (nr <= 64) of one query block, as the generic forward_block does for all
-// heads of a key head at once; mask points at the keep flags of row t0 (column c at + c * bq).
-template <int R>
-void rows_block(const float* q, const float* k, const float* v, int64_t t0, int64_t nr, int64_t h,
-                const std::vector<Piece>& pieces, const float* mask, int64_t bq, bool shifted, float scale,
-                const Layout& lay, float* out, float* m_out, float* l_out, Work& w) {
-  const int64_t d = lay.d, dv = lay.dv, kvh = h / lay.g, ldk = d, ldv = dv;
-  const __mmask16 last = static_cast<__mmask16>(nr % kLanes ? (1u << (nr % kLanes)) - 1u : 0xFFFFu);
-  // The next block's q and out rows are 256 B pieces 2 KiB apart, read or written once: start fetching them now
-  // (a miss on each cost as much as a tenth of the block's arithmetic).
-  for (int64_t t = t0 + kMaxRows; t < std::min(t0 + 2 * kMaxRows, lay.tq); ++t) {
-    const char* qn = reinterpret_cast<const char*>(q + t * lay.hq * d + h * d);
-    const char* on = reinterpret_cast<const char*>(out + t * lay.hq * dv + h * dv);
-    for (int64_t x = 0; x < d; x += kLanes) _mm_prefetch(qn + 4 * x, _MM_HINT_T1);
-    for (int64_t x = 0; x < dv; x += kLanes) _mm_prefetch(on + 4 * x, _MM_HINT_ET1);
-  }
-  float* qt = w.qt.data();
-  for (int64_t t = 0; t < R * kLanes; ++t)
-    for (int64_t x = 0; x < d; ++x) qt[x * kMaxRows + t] = t < nr ? q[(t0 + t) * lay.hq * d + h * d + x] * scale : 0.f;
-  std::fill(w.m, w.m + kMaxRows, shifted ? -std::numeric_limits<float>::infinity() : 0.f);
-  std::fill(w.ot.begin(), w.ot.end(), 0.f);
-  __m512 lsum[R];
-  for (int r = 0; r < R; ++r) lsum[r] = _mm512_setzero_ps();
-  const float* kbase = k;  // this key head's rows, gathered (HeadRows)
-  const float* vbase = v;
-  for (size_t lo = 0; lo < pieces.size();) {
-    size_t hi = lo;
-    int64_t cols = 0;
-    while (hi < pieces.size() && cols + pieces[hi].width <= kChunk) cols += pieces[hi++].width;
-    float* et = w.et.data();
-    for (size_t p = lo; p < hi; et += pieces[p++].width * kMaxRows) {
-      const Piece& pc = pieces[p];
-      const float* kk = kbase + pc.key * ldk;
-      const float* keep = pc.mask_col < 0 ? nullptr : mask + pc.mask_col * bq;
-      if (shifted)
-        (keep ? score_piece<R, true, true, true> : score_piece<R, true, true, false>)(
-            qt, d, kk, ldk, pc.width, keep, bq, last, w.m, lsum, et);
-      else
-        (keep ? score_piece<R, false, false, true> : score_piece<R, false, false, false>)(
-            qt, d, kk, ldk, pc.width, keep, bq, last, w.m, lsum, et);
-    }
-    if (shifted) {  // online softmax over passes: running maximum over kept keys, then exp of the stored S^T
-      float mx[kMaxRows];
-      std::copy(w.m, w.m + kMaxRows, mx);
-      et = w.et.data();
-      for (size_t p = lo; p < hi; ++p)
-        for (int64_t j = 0; j < pieces[p].width; ++j, et += kMaxRows)
-          for (int64_t t = 0; t < nr; ++t)
-            if (pieces[p].mask_col < 0 || mask[(pieces[p].mask_col + j) * bq + t] != 0.f)
-              mx[t] = std::max(mx[t], et[t]);
-      alignas(64) float ls[kMaxRows];
-      for (int r = 0; r < R; ++r) _mm512_storeu_ps(ls + r * kLanes, lsum[r]);
-      for (int64_t t = 0; t < nr; ++t)
-        if (mx[t] > w.m[t]) {
-          const float alpha = w.m[t] == -std::numeric_limits<float>::infinity()
-                                  ? 0.f : std::exp(std::max(w.m[t] - mx[t], float(-2 * kExpSafe)));
-          ls[t] *= alpha;
-          for (int64_t x = 0; x < dv; ++x) w.ot[x * kMaxRows + t] *= alpha;
-          w.m[t] = mx[t];
-        }
-      for (int r = 0; r < R; ++r) lsum[r] = _mm512_loadu_ps(ls + r * kLanes);
-      et = w.et.data();
-      for (size_t p = lo; p < hi; ++p)
-        for (int64_t j = 0; j < pieces[p].width; ++j, et += kMaxRows)
-          for (int r = 0; r < R; ++r) {
-            const float* keep = pieces[p].mask_col < 0 ? nullptr : mask + (pieces[p].mask_col + j) * bq;
-            const __mmask16 lanes = r == R - 1 ? last : __mmask16(0xFFFF);
-            const __m512 sv = _mm512_loadu_ps(et + r * kLanes), sh = _mm512_loadu_ps(w.m + r * kLanes);
-            const __m512 e = keep ? exp_step<true, true>(sv, sh, keep + r * kLanes, lanes)
-                                  : exp_step<true, false>(sv, sh, nullptr, lanes);
-            _mm512_storeu_ps(et + r * kLanes, e);
-            lsum[r] = _mm512_add_ps(lsum[r], e);
-          }
-    }
-    et = w.et.data();
-    for (size_t p = lo; p < hi; et += pieces[p++].width * kMaxRows)
-      out_piece<R>(et, pieces[p].width, vbase + pieces[p].key * ldv, ldv, dv, w.ot.data());
-    lo = hi;
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(w.l + r * kLanes, lsum[r]);
-  for (int64_t t = 0; t < nr; ++t) {
-    const int64_t row = (t0 + t) * lay.g + h % lay.g;
-    float* dst = out + (t0 + t) * lay.hq * dv + h * dv;
-    if (pieces.empty() || w.l[t] == 0.f) {  // no kept key (l = 0 exactly: a kept key weighs at least e^-40)
-      std::fill(dst, dst + dv, 0.f);
-      m_out[row] = 0.f;
-      l_out[row] = 1.f;
-    } else {
-      const float inv = 1.f / w.l[t];
-      for (int64_t x = 0; x < dv; ++x) dst[x] = w.ot[x * kMaxRows + t] * inv;
-      m_out[row] = w.m[t];
-      l_out[row] = w.l[t];
-    }
-  }
-}
-
-void forward_block(const float* q, const float* k, const float* v, const int64_t* item, const Piece* pieces_in,
-                   const float* mask, int64_t mask_stride_h, int64_t bq, bool shifted, float scale, const Layout& lay,
-                   int64_t kvh, float* out, float* m_out, float* l_out, std::vector<Piece>& pieces, Work& w) {
-  split_pieces(item, pieces_in, pieces);
-  for (int64_t h = kvh * lay.g; h < (kvh + 1) * lay.g; ++h)
-    for (int64_t t0 = item[0]; t0 < item[0] + item[1]; t0 += kMaxRows) {
-      const int64_t nr = std::min<int64_t>(kMaxRows, item[0] + item[1] - t0);
-      const float* mk = mask ? mask + (mask_stride_h ? h * mask_stride_h : 0) + (t0 - item[0]) : nullptr;
-      auto run = nr > 48 ? rows_block<4> : nr > 32 ? rows_block<3> : nr > 16 ? rows_block<2> : rows_block<1>;
-      run(q, k, v, t0, nr, h, pieces, mk, bq, shifted, scale, lay, out, m_out, l_out, w);
-    }
-}
-
-}  // namespace fast
-#endif
-
 void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& items,
                       const at::Tensor& pieces, const at::TensorList masks, const at::Tensor& shifted, double scale,
                       at::Tensor& out, at::Tensor& m, at::Tensor& l) {
@@ -508,10 +253,14 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
     at::parallel_for(0, b * lay.hkv * nitems, 1, [&](int64_t begin, int64_t end) {
       Work<T> w(max_rows * lay.g, lay.d, lay.dv);
-      HeadRows<T> rows;
+      // kept per thread across calls: the buffers (Tk rows of one head) would otherwise be fresh pages, faulted in
+      // on every call
+      static thread_local HeadRows<T> rows;
+      rows.current = -1;
 #if defined(__AVX512F__)
-      std::unique_ptr<fast::Work> fw;
-      if (std::is_same_v<T, float>) fw = std::make_unique<fast::Work>(lay.d, lay.dv);
+      std::unique_ptr<avx512::Work> fw;
+      std::vector<avx512::Span> spans;
+      if (std::is_same_v<T, float>) fw = std::make_unique<avx512::Work>(lay.d, lay.dv);
 #endif
       for (int64_t task = begin; task < end; ++task) {
         const int64_t i = task % nitems, kvh = (task / nitems) % lay.hkv, bi = task / (nitems * lay.hkv);
@@ -537,11 +286,12 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const int64_t soff = (bi * lay.hkv + kvh) * lay.tq * lay.g;
 #if defined(__AVX512F__)
         if (fw) {  // T is float
-          fast::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
+          avx512::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
                               reinterpret_cast<const float*>(vh), itm, pc + itm[2],
                               reinterpret_cast<const float*>(mask), stride_h, bq, sh[i] != 0,
                               static_cast<float>(scale), lay, kvh, reinterpret_cast<float*>(op + ooff),
-                              reinterpret_cast<float*>(mp + soff), reinterpret_cast<float*>(lp + soff), w.pieces, *fw);
+                                reinterpret_cast<float*>(mp + soff), reinterpret_cast<float*>(lp + soff), w.pieces,
+                                spans, *fw);
           continue;
         }
 #endif
@@ -552,11 +302,49 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   });
 }
 
+template <typename T>
+inline T squared_norm(const T* row, int64_t d) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < d; ++j) sum += row[j] * row[j];
+  return sum;
+}
+
+// For each position t of x [B, T, H, D]: the largest |x[b, t, h, :]| over batch rows and heads, the bound that
+// _shift_needed compares with EXP_SAFE. Why here: vector_norm plus amax took ~15 ms for q and k of a [1, 16K, 8, 64]
+// call, 5% of the Longformer forward; this reads each tensor once.
+at::Tensor row_norm_max(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "row_norm_max: x must be a contiguous [B, T, H, D] tensor");
+  at::Tensor out = at::empty({x.size(1)}, x.options());
+  const int64_t b = x.size(0), t = x.size(1), h = x.size(2), d = x.size(3);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_norm_max", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, t, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t best = 0;
+        for (int64_t bi = 0; bi < b; ++bi)
+          for (int64_t hi = 0; hi < h; ++hi) {
+            const scalar_t sum = squared_norm(xp + ((bi * t + i) * h + hi) * d, d);
+            best = std::isnan(sum) || std::isnan(best) ? std::numeric_limits<scalar_t>::quiet_NaN()
+                                                       : std::max(best, sum);  // NaN propagates, as amax does
+          }
+        op[i] = std::sqrt(best);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hybridattn, m) {
   m.def("block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor items, Tensor pieces, Tensor[] masks, "
         "Tensor shifted, float scale, Tensor(a!) out, Tensor(b!) m, Tensor(c!) l) -> ()");
+  m.def("row_norm_max(Tensor x) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hybridattn, CPU, m) { m.impl("block_sparse_fwd", &block_sparse_fwd); }
+TORCH_LIBRARY_IMPL(hybridattn, CPU, m) {
+  m.impl("block_sparse_fwd", &block_sparse_fwd);
+  m.impl("row_norm_max", &row_norm_max);
+}

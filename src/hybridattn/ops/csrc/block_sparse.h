@@ -1,0 +1,45 @@
+// What the block-sparse forward's two paths share (block_sparse.cpp: the generic BLAS path; block_sparse_avx512.h:
+// the float register tiles): the plan's pieces, one call's layout, and the exp bound.
+
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace hybridattn_csrc::sparse {
+
+// As ops/block_sparse_attention.py EXP_SAFE: shifted logits are clamped to [-40, 0], so kept keys weigh at least
+// e^-40 (never subnormal) and the backward, which clamps the same way, recomputes the same weights; unshifted
+// blocks have every logit bounded by it.
+constexpr double kExpSafe = 40.0;
+// Columns of S per pass: a 64-row block's S stays in L2 however many keys the block reads (global tokens' rows
+// read all of them); longer key lists take several passes with the online-softmax rescale.
+constexpr int64_t kChunk = 1024;
+
+// Keys [key, key + width) of one query block: fully kept (mask_col -1) or masked by mask columns
+// [mask_col, mask_col + width).
+struct Piece {
+  int64_t key, width, mask_col;
+};
+
+// A query block's pieces, split at kChunk columns.
+inline void split_pieces(const int64_t* item, const Piece* pieces_in, std::vector<Piece>& out) {
+  out.clear();
+  for (int64_t p = item[2]; p < item[3]; ++p) {
+    Piece pc = pieces_in[p - item[2]];
+    while (pc.width > 0) {
+      const int64_t wd = std::min(pc.width, kChunk);
+      out.push_back({pc.key, wd, pc.mask_col});
+      pc.key += wd;
+      pc.width -= wd;
+      if (pc.mask_col >= 0) pc.mask_col += wd;
+    }
+  }
+}
+
+struct Layout {  // sizes and strides of one call
+  int64_t tq, tk, hq, hkv, g, d, dv;
+};
+
+}  // namespace hybridattn_csrc::sparse
