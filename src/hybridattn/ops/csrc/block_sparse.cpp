@@ -28,6 +28,10 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -72,40 +76,82 @@ struct Work {  // one thread's buffers, reused for every query block it owns
   Work(int64_t rows, int64_t d, int64_t dv) : q(rows * d), s(rows * kChunk), o(rows * dv), m(rows), l(rows) {}
 };
 
-// One key head's k and v rows, gathered contiguous ([Tk, D] and [Tk, Dv]) by the thread that works on that head.
-// Why: in [B, T, H, D] a head's rows lie H * D * 4 bytes apart (2 KiB at H = 8, D = 64), and reading them in place
-// made the tiles' loads miss (4K aliasing, no prefetch): gathered once per head, the Longformer forward ran ~30%
-// faster. The tasks of a thread are consecutive (batch row, key head, query block) triples, so it gathers each
-// head it touches once.
+// k and v with each key head's rows made contiguous ([B, Hkv, Tk, D] and [B, Hkv, Tk, Dv]), in one pass before
+// the tasks run. Why: in [B, T, H, D] a head's rows lie H * D * 4 bytes apart (2 KiB at H = 8, D = 64); tiles
+// reading 64 such rows in place map them onto a few L1 sets and thrash (the Longformer forward ran ~30% slower),
+// and per-head gathers read those rows strided (each thread its own heads: ~15% of the call). One pass reads k
+// and v front to back instead. The buffers are kept across calls (fresh pages cost ~1.5 us each to fault in on
+// the machines we measured, 12 ms for 32 MiB), up to kKeepBytes; a call that finds them in use by another thread,
+// or needs more, allocates its own.
+// Asks Linux to back [p, p + bytes) with 2 MiB pages where it can: the output is freshly mapped memory, and
+// faulting it in 4 KiB at a time cost ~12 ms per 32 MiB on the machines we measured. A hint only.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 template <typename T>
-struct HeadRows {
-  std::vector<T> k, v;
-  int64_t current = -1;
-  void gather(const T* kp, const T* vp, int64_t bh, const Layout& lay) {
-    if (bh == current) return;
-    const int64_t bi = bh / lay.hkv, h = bh % lay.hkv;
-    k.resize(lay.tk * lay.d);
-    v.resize(lay.tk * lay.dv);
-    const T* ks = kp + bi * lay.tk * lay.hkv * lay.d + h * lay.d;
-    const T* vs = vp + bi * lay.tk * lay.hkv * lay.dv + h * lay.dv;
-    // plain loops, not std::copy: a libc memmove call per 256-byte row cost more than the copy itself
-    T* kd = k.data();
-    T* vd = v.data();
-    // rows 2 KiB apart defeat the hardware prefetcher (it follows streams within a 4 KiB page): fetch ahead
-    constexpr int64_t kAhead = 16;
-    const int64_t line = 64 / sizeof(T);
-    for (int64_t t = 0; t < lay.tk; ++t) {
-      const T* kr = ks + t * lay.hkv * lay.d;
-      const T* vr = vs + t * lay.hkv * lay.dv;
-      if (t + kAhead < lay.tk) {
-        for (int64_t x = 0; x < lay.d; x += line) __builtin_prefetch(kr + kAhead * lay.hkv * lay.d + x);
-        for (int64_t x = 0; x < lay.dv; x += line) __builtin_prefetch(vr + kAhead * lay.hkv * lay.dv + x);
+class HeadMajor {
+ public:
+  static constexpr size_t kKeepBytes = size_t(512) << 20;
+
+  HeadMajor(const T* kp, const T* vp, const Layout& lay, int64_t b)
+      : lock_(shared().busy, std::try_to_lock), buf_(lock_.owns_lock() ? shared().buf : own_) {
+    const size_t nk = b * lay.hkv * lay.tk * lay.d, n = nk + b * lay.hkv * lay.tk * lay.dv;
+    buf_.reserve(n);
+    k_ = buf_.data.get();
+    v_ = k_ + nk;
+    at::parallel_for(0, b * lay.tk, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bi = r / lay.tk, t = r % lay.tk;
+        for (int64_t h = 0; h < lay.hkv; ++h) {
+          const T* ks = kp + (r * lay.hkv + h) * lay.d;
+          const T* vs = vp + (r * lay.hkv + h) * lay.dv;
+          T* kt = k_ + ((bi * lay.hkv + h) * lay.tk + t) * lay.d;
+          T* vt = v_ + ((bi * lay.hkv + h) * lay.tk + t) * lay.dv;
+          for (int64_t x = 0; x < lay.d; ++x) kt[x] = ks[x];  // loops, not std::copy: no libc call per row
+          for (int64_t x = 0; x < lay.dv; ++x) vt[x] = vs[x];
+        }
       }
-      for (int64_t x = 0; x < lay.d; ++x) kd[t * lay.d + x] = kr[x];
-      for (int64_t x = 0; x < lay.dv; ++x) vd[t * lay.dv + x] = vr[x];
-    }
-    current = bh;
+    });
   }
+  ~HeadMajor() {
+    if (buf_.size * sizeof(T) > kKeepBytes) buf_ = Buffer();
+  }
+  const T* k(int64_t bh, const Layout& lay) const { return k_ + bh * lay.tk * lay.d; }
+  const T* v(int64_t bh, const Layout& lay) const { return v_ + bh * lay.tk * lay.dv; }
+
+ private:
+  struct Buffer {  // uninitialised until the pass writes it, so that the huge-page hint comes before any fault
+    std::unique_ptr<T[]> data;
+    size_t size = 0;
+    void reserve(size_t n) {
+      if (n <= size) return;
+      data.reset(new T[n]);
+      size = n;
+      advise_huge_pages(data.get(), n * sizeof(T));
+    }
+  };
+  struct Shared {
+    std::mutex busy;
+    Buffer buf;
+  };
+  static Shared& shared() {
+    static Shared s;
+    return s;
+  }
+  std::unique_lock<std::mutex> lock_;
+  Buffer own_;
+  Buffer& buf_;
+  T* k_ = nullptr;
+  T* v_ = nullptr;
 };
 
 // Runs ``fn(first, count)`` for each maximal run of pieces [first, first + count) whose keys are contiguous: one
@@ -125,7 +171,7 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
                    const T* mask, int64_t mask_stride_h, int64_t bq, int64_t mask_cols, bool shifted, T scale,
                    const Layout& lay, int64_t kvh, T* out, T* m_out, T* l_out, Work<T>& w) {
   const int64_t start = item[0], rows = item[1], g = lay.g, n = rows * g, d = lay.d, dv = lay.dv;
-  const int64_t ldq = lay.hq * d, ldk = d, ldv = dv, ldo = lay.hq * dv;  // k, v: one head's rows (HeadRows)
+  const int64_t ldq = lay.hq * d, ldk = d, ldv = dv, ldo = lay.hq * dv;  // k, v: one head's rows (HeadMajor)
   // Q rows in (t, g) order: with GQA the G query heads of a key head are extra rows of one GEMM (copied, as
   // their rows are not evenly spaced). The scale goes into the GEMM's alpha, not into q: the backward recomputes
   // S as alpha (q k^T) and any difference in its rounding would reach the gradients amplified by exp().
@@ -257,13 +303,12 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     T* op = out.data_ptr<T>();
     T* mp = m.data_ptr<T>();
     T* lp = l.data_ptr<T>();
+    advise_huge_pages(op, out.numel() * sizeof(T));
+    std::unique_ptr<HeadMajor<T>> heads;  // a single key head's rows already are contiguous
+    if (lay.hkv > 1) heads = std::make_unique<HeadMajor<T>>(kp, vp, lay, b);
     // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
     at::parallel_for(0, b * lay.hkv * nitems, 1, [&](int64_t begin, int64_t end) {
       Work<T> w(max_rows * lay.g, lay.d, lay.dv);
-      // kept per thread across calls: the buffers (Tk rows of one head) would otherwise be fresh pages, faulted in
-      // on every call
-      static thread_local HeadRows<T> rows;
-      rows.current = -1;
 #if defined(__AVX512F__)
       std::unique_ptr<avx512::Work> fw;
       std::vector<avx512::Span> spans;
@@ -283,18 +328,13 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
         }
         const int64_t qoff = bi * lay.tq * lay.hq * lay.d, ooff = bi * lay.tq * lay.hq * lay.dv;
-        const T* kh = kp + bi * lay.tk * lay.d;  // one key head: its rows already are contiguous
-        const T* vh = vp + bi * lay.tk * lay.dv;
-        if (lay.hkv > 1) {
-          rows.gather(kp, vp, bi * lay.hkv + kvh, lay);
-          kh = rows.k.data();
-          vh = rows.v.data();
-        }
+        const T* kh = heads ? heads->k(bi * lay.hkv + kvh, lay) : kp + bi * lay.tk * lay.d;
+        const T* vh = heads ? heads->v(bi * lay.hkv + kvh, lay) : vp + bi * lay.tk * lay.dv;
         const int64_t soff = (bi * lay.hkv + kvh) * lay.tq * lay.g;
 #if defined(__AVX512F__)
         if (fw) {  // T is float
           avx512::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
-                              reinterpret_cast<const float*>(vh), itm, pc + itm[2],
+                              reinterpret_cast<const float*>(vh), lay.d, lay.dv, itm, pc + itm[2],
                               reinterpret_cast<const float*>(mask), stride_h, bq, sh[i] != 0,
                               static_cast<float>(scale), lay, kvh, reinterpret_cast<float*>(op + ooff),
                                 reinterpret_cast<float*>(mp + soff), reinterpret_cast<float*>(lp + soff), w.pieces,

@@ -163,19 +163,20 @@ inline void score_tile(const float* qt, int64_t d, const float* const* kp, const
     }
 }
 
-// Memory a later step reads (contiguous bytes), fetched a share at a time while the current step computes.
+// Rows a later step reads, fetched a share at a time while the current step computes.
 struct Prefetch {
   const char* at = nullptr;
-  int64_t bytes = 0;
+  int64_t rows = 0, row_bytes = 0, stride = 0;  // stride: bytes from one row to the next
   int hint = _MM_HINT_T0;
-  // the next 1/parts of it (64-byte lines), for part = 0 .. parts - 1
+  // share i of `parts` (64-byte lines)
   inline void part(int64_t i, int64_t parts) const {
-    const int64_t lines = (bytes + 63) / 64, per = (lines + parts - 1) / parts;
+    const int64_t per_row = (row_bytes + 63) / 64, lines = rows * per_row, per = (lines + parts - 1) / parts;
     for (int64_t l = i * per; l < std::min(lines, (i + 1) * per); ++l) {
+      const char* p = at + (l / per_row) * stride + (l % per_row) * 64;
       if (hint == _MM_HINT_T0)
-        _mm_prefetch(at + 64 * l, _MM_HINT_T0);
+        _mm_prefetch(p, _MM_HINT_T0);
       else
-        _mm_prefetch(at + 64 * l, _MM_HINT_T1);
+        _mm_prefetch(p, _MM_HINT_T1);
     }
   }
 };
@@ -223,15 +224,27 @@ inline void out_tile(const float* et, int64_t width, const float* v, int64_t ldv
 // in L1 across the Dv / 6 passes instead of streaming from L2 on each.
 constexpr int64_t kOutKeys = 64;
 
+// Each key block's v rows are fetched into L1 while the block before runs, the last block fetching `next` (the
+// next span's first rows).
 template <int R>
-void out_piece(const float* et, int64_t width, const float* v, int64_t ldv, int64_t dv, float* ot) {
+void out_piece(const float* et, int64_t width, const float* v, int64_t ldv, int64_t dv, float* ot,
+               const Prefetch& next) {
+  constexpr int X = tile_width(R);
+  const int64_t tiles = (dv + X - 1) / X;
   for (int64_t j = 0; j < width; j += kOutKeys) {
     const int64_t n = std::min(kOutKeys, width - j);
     const float* e = et + j * kMaxRows;
     const float* vj = v + j * ldv;
-    constexpr int X = tile_width(R);
+    const Prefetch ahead = j + kOutKeys < width
+        ? Prefetch{reinterpret_cast<const char*>(vj + kOutKeys * ldv), std::min(kOutKeys, width - j - kOutKeys),
+                   dv * 4, ldv * 4}
+        : next;
     int64_t x = 0;
-    for (; x + X <= dv; x += X) out_tile<R, X>(e, n, vj + x, ldv, ot + x * kMaxRows);
+    for (; x + X <= dv; x += X) {
+      ahead.part(x / X, tiles);
+      out_tile<R, X>(e, n, vj + x, ldv, ot + x * kMaxRows);
+    }
+    ahead.part(x / X, tiles);
     // one tile for the remainder: single columns would load E^T once per R FMAs (64 = 10 * 6 + 4)
     with_tail<X>(dv - x, [&](auto c) { out_tile<R, decltype(c)::value>(e, n, vj + x, ldv, ot + x * kMaxRows); });
   }
@@ -276,10 +289,11 @@ void split_by_rows(const Piece& pc, int64_t col, const float* keep, int64_t bq, 
 // heads of a key head at once; mask points at the keep flags of row t0 (column c at + c * bq); k, v: this key
 // head's rows, gathered contiguous.
 template <int R>
-void rows_block(const float* q, const float* k, const float* v, int64_t t0, int64_t nr, int64_t h,
+void rows_block(const float* q, const float* k, const float* v, int64_t ldk, int64_t ldv, int64_t t0, int64_t nr,
+                int64_t h,
                 const std::vector<Piece>& pieces, const float* mask, int64_t bq, bool shifted, float scale,
                 const Layout& lay, float* out, float* m_out, float* l_out, std::vector<Span>& spans, Work& w) {
-  const int64_t d = lay.d, dv = lay.dv, ldk = d, ldv = dv, ldq = lay.hq * d, ldo = lay.hq * dv;
+  const int64_t d = lay.d, dv = lay.dv, ldq = lay.hq * d, ldo = lay.hq * dv;
   const __mmask16 last = first_lanes(nr - (R - 1) * kLanes);
   // The next block's q and out rows are 256 B pieces 2 KiB apart, read or written once: start fetching them now
   // (a miss on each cost as much as a tenth of the block's arithmetic).
@@ -315,9 +329,9 @@ void rows_block(const float* q, const float* k, const float* v, int64_t t0, int6
         // BigBird's random blocks lie anywhere in the head's rows: fetch the next span's keys and this span's
         // values (for the O pass below) while this span's scores are computed
         const Span& s = spans[i];
-        Prefetch pf_k, pf_v{reinterpret_cast<const char*>(v + s.key * ldv), s.width * ldv * 4, _MM_HINT_T1};
+        Prefetch pf_k, pf_v{reinterpret_cast<const char*>(v + s.key * ldv), s.width, dv * 4, ldv * 4, _MM_HINT_T1};
         if (i + 1 < spans.size())
-          pf_k = {reinterpret_cast<const char*>(k + spans[i + 1].key * ldk), spans[i + 1].width * ldk * 4};
+          pf_k = {reinterpret_cast<const char*>(k + spans[i + 1].key * ldk), spans[i + 1].width, d * 4, ldk * 4};
         constexpr int N = decltype(nv)::value;
         const __mmask16 lanes = s.vlo + N == R ? last : __mmask16(0xFFFF);
         const float* sq = qt + s.vlo * kLanes;
@@ -364,11 +378,16 @@ void rows_block(const float* q, const float* k, const float* v, int64_t t0, int6
             lsum[r] = _mm512_add_ps(lsum[r], e);
           }
     }
-    for (const Span& s : spans)
-      with_vectors(s.nv, [&](auto nv) {
+    for (size_t i = 0; i < spans.size(); ++i)
+      with_vectors(spans[i].nv, [&](auto nv) {
         constexpr int N = decltype(nv)::value;
+        const Span& s = spans[i];
+        Prefetch next;
+        if (i + 1 < spans.size())
+          next = {reinterpret_cast<const char*>(v + spans[i + 1].key * ldv), std::min(kOutKeys, spans[i + 1].width),
+                  dv * 4, ldv * 4};
         out_piece<N>(w.et.data() + s.col * kMaxRows + s.vlo * kLanes, s.width, v + s.key * ldv, ldv, dv,
-                     w.ot.data() + s.vlo * kLanes);
+                     w.ot.data() + s.vlo * kLanes, next);
       });
     lo = hi;
   }
@@ -384,7 +403,8 @@ void rows_block(const float* q, const float* k, const float* v, int64_t t0, int6
   }
 }
 
-inline void forward_block(const float* q, const float* k, const float* v, const int64_t* item, const Piece* pieces_in,
+inline void forward_block(const float* q, const float* k, const float* v, int64_t ldk, int64_t ldv, const int64_t* item,
+                          const Piece* pieces_in,
                    const float* mask, int64_t mask_stride_h, int64_t bq, bool shifted, float scale, const Layout& lay,
                    int64_t kvh, float* out, float* m_out, float* l_out, std::vector<Piece>& pieces,
                    std::vector<Span>& spans, Work& w) {
@@ -394,7 +414,7 @@ inline void forward_block(const float* q, const float* k, const float* v, const 
       const int64_t nr = std::min<int64_t>(kMaxRows, item[0] + item[1] - t0);
       const float* mk = mask ? mask + (mask_stride_h ? h * mask_stride_h : 0) + (t0 - item[0]) : nullptr;
       auto run = nr > 48 ? rows_block<4> : nr > 32 ? rows_block<3> : nr > 16 ? rows_block<2> : rows_block<1>;
-      run(q, k, v, t0, nr, h, pieces, mk, bq, shifted, scale, lay, out, m_out, l_out, spans, w);
+      run(q, k, v, ldk, ldv, t0, nr, h, pieces, mk, bq, shifted, scale, lay, out, m_out, l_out, spans, w);
     }
 }
 
