@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hybridattn.ops import _native, masks
-from hybridattn.ops.block_sparse_attention import _shift_needed, block_sparse_attention, cached_plan, plan_blocks
+from hybridattn.ops.block_sparse_attention import (
+    _native_forward, _shift_needed, block_sparse_attention, cached_plan, plan_blocks,
+)
 from hybridattn.ops.softmax_attention import softmax_attention
 
 
@@ -122,23 +124,34 @@ def test_register_tiles_on_dims_off_the_vector_width():
              block_k=16)
 
 
-def test_shift_bound_is_the_largest_row_norm():
-    # the compiled kernel's own row-norm pass and torch's vector_norm give the same per-block decision
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_max_shift_decided_per_head_and_block(dtype):
+    # only key head 1's queries in rows 24.. have logits beyond EXP_SAFE: the compiled forward shifts just those
+    # (batch row, key head, block) triples, the others keep m = 0, and the backward (which clamps to
+    # [-EXP_SAFE, EXP_SAFE] after subtracting m) must still be exact for both kinds of rows in a shifted block
     gen = torch.Generator().manual_seed(11)
-    q, k = torch.randn(2, 77, 4, 20, generator=gen), torch.randn(2, 77, 2, 20, generator=gen)
-    q[:, 40:] *= 9.0
-    plan = plan_blocks(masks.sliding_window(9), 77, 77, 8, 8)
-    shifted = _shift_needed(q, k, plan, 20 ** -0.5)
-    with _native.disabled():
-        assert _shift_needed(q, k, plan, 20 ** -0.5) == shifted
-    assert any(shifted) and not all(shifted)
-    ops = _native.native_ops("block_sparse")
-    if ops is not None:
-        for x in (q, k, q.double()):
-            want = torch.linalg.vector_norm(x, dim=-1).amax(dim=(0, 2))
-            torch.testing.assert_close(ops.row_norm_max(x), want, rtol=1e-6, atol=0)
-        q[1, 5, 2, 3] = float("nan")
-        assert ops.row_norm_max(q)[5].isnan() and not ops.row_norm_max(q)[4].isnan()
+    spec = masks.longformer(5, [0, 30]) & masks.padding(torch.tensor([45, 28]))
+    q = torch.randn(2, 45, 4, 12, generator=gen, dtype=dtype)
+    q[:, 24:, 2:] *= 10.0  # query heads 2, 3 = key head 1 (GQA 2)
+    k, v = torch.randn(2, 45, 2, 12, generator=gen, dtype=dtype), torch.randn(2, 45, 2, 10, generator=gen, dtype=dtype)
+    plan = plan_blocks(spec, 45, 45, 8, 16)
+    want_flags = _shift_needed(q, k, plan, 12 ** -0.5)
+    assert any(want_flags) and not all(want_flags)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16, plan=plan)
+    native = _native_forward(q.detach(), k.detach(), v.detach(), plan, 12 ** -0.5)
+    if native is not None:
+        _, shift, _, flags = native
+        assert flags == want_flags
+        assert shift[:, 0].abs().max() == 0 and shift[:, 1].abs().max() > 0  # key head 0 never shifted
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = _reference(q64, k64, v64, spec)
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    for name, a, w in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
 def test_float64_inputs():

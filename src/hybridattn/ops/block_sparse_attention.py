@@ -134,8 +134,9 @@ def _weights(qv, k, grp: BlockGroup, blk: QueryBlock, batch: int, scale: float, 
     for (s, _), c in zip(out, cols):
         if shift is not False:
             # no subnormals or overflow: kept keys weigh at least e^-40 (< 1e-17 of the row's largest), masked
-            # ones (perhaps above the maximum over kept keys) are zeroed below
-            s.sub_(shift).clamp_(min=-EXP_SAFE, max=0.0)
+            # ones (perhaps above the maximum over kept keys) are zeroed below; the upper bound EXP_SAFE rather
+            # than 0 keeps exact the rows that the compiled forward left unshifted (m = 0, |s| <= EXP_SAFE)
+            s.sub_(shift).clamp_(min=-EXP_SAFE, max=EXP_SAFE)
         s.exp_()
         if grp.keep is not None:
             s.view(hkv, blk.rows, -1, s.shape[-1]).mul_(_per_row(grp, "weight_mask", s.dtype, blk, batch, hkv, c))
@@ -152,14 +153,9 @@ def _zero_row_outputs(x: torch.Tensor, grp: BlockGroup, blk: QueryBlock, batch: 
 def _shift_needed(q, k, plan: BlockPlan, scale: float) -> list[bool]:
     """Per query block of ``plan.blocks``: whether its logits may leave ``[-EXP_SAFE, EXP_SAFE]``, so that exp()
     needs the row-max shift (bound: ``|scale| * max |q_i| * max |k_j|`` over the block's rows and keys)."""
-    ops = _native.native_ops("block_sparse") if _native.usable(q, k) else None
-    if ops is not None:  # one pass over each tensor; the two reductions below take ~3x as long
-        qn = ops.row_norm_max(q.detach().contiguous()) * abs(scale)  # (Tq,)
-        kn = ops.row_norm_max(k.detach().contiguous())  # (Tk,)
-    else:
-        acc = accumulation_dtype(q.dtype)
-        qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax(dim=(0, 2)) * abs(scale)  # (Tq,)
-        kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax(dim=(0, 2))  # (Tk,)
+    acc = accumulation_dtype(q.dtype)
+    qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax(dim=(0, 2)) * abs(scale)  # (Tq,)
+    kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax(dim=(0, 2))  # (Tk,)
     nk = -(-plan.kv_len // plan.block_k)
     k_max = F.pad(kn, (0, nk * plan.block_k - plan.kv_len)).view(nk, plan.block_k).amax(1)
     safe = []
@@ -187,13 +183,13 @@ class _BlockSparseSoftmax(torch.autograd.Function):
         hkv, dv = k.shape[2], v.shape[3]
         g = hq // hkv
         acc = accumulation_dtype(q.dtype)
-        shifted = _shift_needed(q, k, plan, scale)
-        native = _native_forward(q, k, v, plan, scale, shifted)
+        native = _native_forward(q, k, v, plan, scale)
         if native is not None:
-            out, shift, _ = native
+            out, shift, _, shifted = native
             ctx.save_for_backward(q, k, v, shift)
             ctx.plan, ctx.scale, ctx.shifted = plan, scale, shifted
             return out
+        shifted = _shift_needed(q, k, plan, scale)
         out = q.new_zeros(b, tq, hq, dv)  # rows without any kept key stay zero
         shift = torch.zeros(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row shift m, (t, g) row order
         norm = torch.ones(b, hkv, tq * g, 1, dtype=acc, device=q.device)  # row sum l
@@ -269,9 +265,13 @@ class _BlockSparseSoftmax(torch.autograd.Function):
         return dq, dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 
-def _native_forward(q, k, v, plan: BlockPlan, scale: float, shifted: list[bool]):
-    """The forward by the compiled CPU kernel (``csrc/block_sparse.cpp``): ``(out, shift, norm)`` exactly as the
-    PyTorch loop saves them, or None where the kernel cannot run (not built, not CPU, not float32/float64)."""
+def _native_forward(q, k, v, plan: BlockPlan, scale: float):
+    """The forward by the compiled CPU kernel (``csrc/block_sparse.cpp``): ``(out, shift, norm, shifted)`` as the
+    PyTorch loop saves them, or None where the kernel cannot run (not built, not CPU, not float32/float64).
+
+    The kernel decides the row-max shift per (batch row, key head, query block) from its own norms (no pass over
+    q and k here); ``shifted[i]`` says whether any of block i's did, and its other rows keep ``m = 0``, which the
+    backward's clamp to ``[-EXP_SAFE, EXP_SAFE]`` leaves exact (their logits are bounded by EXP_SAFE)."""
     ops = _native.native_ops("block_sparse") if _native.usable(q, k, v) else None
     if ops is None:
         return None
@@ -282,9 +282,10 @@ def _native_forward(q, k, v, plan: BlockPlan, scale: float, shifted: list[bool])
     rows = tq * (hq // hkv)
     out = q.new_empty(b, tq, hq, dv) if layout.covers_all else q.new_zeros(b, tq, hq, dv)
     shift, norm = q.new_zeros(b, hkv, rows, 1), q.new_ones(b, hkv, rows, 1)
-    ops.block_sparse_fwd(q, k, v, layout.items, layout.pieces, layout.masks(q.dtype),
-                         torch.tensor(shifted, dtype=torch.uint8), scale, out, shift, norm)
-    return out, shift, norm
+    shifted = torch.zeros(len(plan.blocks), dtype=torch.uint8)
+    ops.block_sparse_fwd(q, k, v, layout.items, layout.pieces, layout.masks(q.dtype), shifted, scale, out, shift,
+                         norm)
+    return out, shift, norm, [bool(x) for x in shifted.tolist()]
 
 
 def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None,

@@ -11,11 +11,12 @@
 // (q_start, rows, piece_begin, piece_end, group, mask_row) and pieces [P, 3] (key_start, width, mask_col): the
 // block's keys as contiguous ranges, each either fully kept (mask_col -1, no masking) or masked by columns
 // [mask_col, mask_col + width) of masks[group] [Bm, Gm, Hm, bq, X] (0 / 1 in the compute dtype; row mask_row of
-// its G dimension). shifted [N] (uint8): whether the block needs the row-max shift (else m = 0: every logit is
-// bounded by EXP_SAFE, see _shift_needed).
+// its G dimension).
 //
 // Outputs, written in place: out [B, Tq, Hq, Dv]; m, l [B, Hkv, Tq * G] (row shift and row sum, rows in (t, g)
-// order: the backward's input). Rows that keep no key get out = 0, m = 0, l = 1 (finite for the backward, which
+// order: the backward's input); shifted [N] (uint8, zeroed by the caller): 1 where some (batch row, key head) of
+// the block took the row-max shift. Each (batch row, key head, block) decides for itself: rows whose logits are
+// bounded by EXP_SAFE (scale |q| |k|, as _shift_needed bounds them for the PyTorch loop) keep m = 0. Rows that keep no key get out = 0, m = 0, l = 1 (finite for the backward, which
 // zeroes them). Rows of query blocks not in items are left as the caller initialised them.
 
 #include <ATen/ATen.h>
@@ -76,15 +77,16 @@ struct Work {  // one thread's buffers, reused for every query block it owns
   Work(int64_t rows, int64_t d, int64_t dv) : q(rows * d), s(rows * kChunk), o(rows * dv), m(rows), l(rows) {}
 };
 
-// k and v with each key head's rows made contiguous ([B, Hkv, Tk, D] and [B, Hkv, Tk, Dv]), in one pass before
-// the tasks run. Why: in [B, T, H, D] a head's rows lie H * D * 4 bytes apart (2 KiB at H = 8, D = 64); tiles
-// reading 64 such rows in place map them onto a few L1 sets and thrash (the Longformer forward ran ~30% slower),
-// and per-head gathers read those rows strided (each thread its own heads: ~15% of the call). One pass reads k
-// and v front to back instead. The buffers are kept across calls (fresh pages cost ~1.5 us each to fault in on
-// the machines we measured, 12 ms for 32 MiB), up to kKeepBytes; a call that finds them in use by another thread,
-// or needs more, allocates its own.
-// Asks Linux to back [p, p + bytes) with 2 MiB pages where it can: the output is freshly mapped memory, and
-// faulting it in 4 KiB at a time cost ~12 ms per 32 MiB on the machines we measured. A hint only.
+template <typename T>
+inline T squared_norm(const T* row, int64_t d) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < d; ++j) sum += row[j] * row[j];
+  return sum;
+}
+
+// Asks Linux to back [p, p + bytes) with 2 MiB pages where it can (a hint only): the output is freshly mapped
+// memory, and faulting it in 4 KiB at a time cost ~12 ms per 32 MiB on the machines we measured.
 inline void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
@@ -97,36 +99,61 @@ inline void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
+// Each key head's k and v rows made contiguous ([B, Hkv, Tk, D] and [B, Hkv, Tk, Dv]) in one pass before the
+// tasks run, with the norms |k_t| [B, Hkv, Tk] that decide which blocks need the row-max shift. Why: in
+// [B, T, H, D] a head's rows lie H * D * 4 bytes apart (2 KiB at H = 8, D = 64); tiles reading 64 such rows in
+// place map them onto a few L1 sets and thrash (the Longformer forward ran ~30% slower), and per-head gathers
+// read them strided (~15% of the call). One pass reads k and v front to back instead. The buffer is kept across
+// calls (fresh pages cost ~1.5 us each to fault in on the machines we measured: 12 ms for 32 MiB), up to
+// kKeepBytes; a call that finds it in use by another thread, or needs more, allocates its own. A single key
+// head's rows already are contiguous: then only the norms are computed.
 template <typename T>
-class HeadMajor {
+class KeyHeads {
  public:
   static constexpr size_t kKeepBytes = size_t(512) << 20;
 
-  HeadMajor(const T* kp, const T* vp, const Layout& lay, int64_t b)
-      : lock_(shared().busy, std::try_to_lock), buf_(lock_.owns_lock() ? shared().buf : own_) {
-    const size_t nk = b * lay.hkv * lay.tk * lay.d, n = nk + b * lay.hkv * lay.tk * lay.dv;
-    buf_.reserve(n);
+  KeyHeads(const T* kp, const T* vp, const Layout& lay, int64_t b)
+      : lay_(lay), kp_(kp), vp_(vp), lock_(shared().busy, std::try_to_lock),
+        buf_(lock_.owns_lock() ? shared().buf : own_) {
+    const bool copy = lay.hkv > 1;
+    const size_t rows = b * lay.hkv * lay.tk, nk = copy ? rows * lay.d : 0, nv = copy ? rows * lay.dv : 0;
+    buf_.reserve(nk + nv + rows);
     k_ = buf_.data.get();
     v_ = k_ + nk;
+    norms_ = v_ + nv;
     at::parallel_for(0, b * lay.tk, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t bi = r / lay.tk, t = r % lay.tk;
         for (int64_t h = 0; h < lay.hkv; ++h) {
           const T* ks = kp + (r * lay.hkv + h) * lay.d;
+          const int64_t row = (bi * lay.hkv + h) * lay.tk + t;
+          norms_[row] = std::sqrt(squared_norm(ks, lay.d));
+          if (!copy) continue;
           const T* vs = vp + (r * lay.hkv + h) * lay.dv;
-          T* kt = k_ + ((bi * lay.hkv + h) * lay.tk + t) * lay.d;
-          T* vt = v_ + ((bi * lay.hkv + h) * lay.tk + t) * lay.dv;
+          T* kt = k_ + row * lay.d;
+          T* vt = v_ + row * lay.dv;
           for (int64_t x = 0; x < lay.d; ++x) kt[x] = ks[x];  // loops, not std::copy: no libc call per row
           for (int64_t x = 0; x < lay.dv; ++x) vt[x] = vs[x];
         }
       }
     });
   }
-  ~HeadMajor() {
+  ~KeyHeads() {
     if (buf_.size * sizeof(T) > kKeepBytes) buf_ = Buffer();
   }
-  const T* k(int64_t bh, const Layout& lay) const { return k_ + bh * lay.tk * lay.d; }
-  const T* v(int64_t bh, const Layout& lay) const { return v_ + bh * lay.tk * lay.dv; }
+  // rows of key head bh = (batch row, key head)
+  const T* k(int64_t bh) const { return (lay_.hkv > 1 ? k_ : kp_) + bh * lay_.tk * lay_.d; }
+  const T* v(int64_t bh) const { return (lay_.hkv > 1 ? v_ : vp_) + bh * lay_.tk * lay_.dv; }
+  // the largest |k_t| over the block's keys
+  T max_norm(int64_t bh, const int64_t* item, const Piece* pieces) const {
+    const T* nr = norms_ + bh * lay_.tk;
+    T best = 0;
+    for (int64_t p = item[2]; p < item[3]; ++p) {
+      const Piece& pc = pieces[p - item[2]];
+      for (int64_t t = pc.key; t < pc.key + pc.width; ++t) best = std::max(best, nr[t]);
+    }
+    return best;
+  }
 
  private:
   struct Buffer {  // uninitialised until the pass writes it, so that the huge-page hint comes before any fault
@@ -147,12 +174,26 @@ class HeadMajor {
     static Shared s;
     return s;
   }
+  Layout lay_;
+  const T* kp_;
+  const T* vp_;
   std::unique_lock<std::mutex> lock_;
   Buffer own_;
   Buffer& buf_;
   T* k_ = nullptr;
   T* v_ = nullptr;
+  T* norms_ = nullptr;
 };
+
+// The largest |q| over rows [start, start + rows) of the G query heads of key head kvh (rows of stride ldq).
+template <typename T>
+T max_query_norm(const T* q, int64_t start, int64_t rows, int64_t kvh, const Layout& lay) {
+  T best = 0;
+  for (int64_t t = start; t < start + rows; ++t)
+    for (int64_t j = 0; j < lay.g; ++j)
+      best = std::max(best, squared_norm(q + t * lay.hq * lay.d + (kvh * lay.g + j) * lay.d, lay.d));
+  return std::sqrt(best);
+}
 
 // Runs ``fn(first, count)`` for each maximal run of pieces [first, first + count) whose keys are contiguous: one
 // GEMM per run rather than per piece.
@@ -171,7 +212,7 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
                    const T* mask, int64_t mask_stride_h, int64_t bq, int64_t mask_cols, bool shifted, T scale,
                    const Layout& lay, int64_t kvh, T* out, T* m_out, T* l_out, Work<T>& w) {
   const int64_t start = item[0], rows = item[1], g = lay.g, n = rows * g, d = lay.d, dv = lay.dv;
-  const int64_t ldq = lay.hq * d, ldk = d, ldv = dv, ldo = lay.hq * dv;  // k, v: one head's rows (HeadMajor)
+  const int64_t ldq = lay.hq * d, ldk = d, ldv = dv, ldo = lay.hq * dv;  // k, v: one head's rows (KeyHeads)
   // Q rows in (t, g) order: with GQA the G query heads of a key head are extra rows of one GEMM (copied, as
   // their rows are not evenly spaced). The scale goes into the GEMM's alpha, not into q: the backward recomputes
   // S as alpha (q k^T) and any difference in its rounding would reach the gradients amplified by exp().
@@ -275,7 +316,7 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
 }
 
 void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& items,
-                      const at::Tensor& pieces, const at::TensorList masks, const at::Tensor& shifted, double scale,
+                      const at::Tensor& pieces, const at::TensorList masks, at::Tensor& shifted, double scale,
                       at::Tensor& out, at::Tensor& m, at::Tensor& l) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous() &&
                   m.is_contiguous() && l.is_contiguous(),
@@ -288,7 +329,7 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   int64_t max_rows = 1;
   const int64_t* it = items.data_ptr<int64_t>();
   for (int64_t i = 0; i < nitems; ++i) max_rows = std::max(max_rows, it[i * 6 + 1]);
-  const uint8_t* sh = shifted.data_ptr<uint8_t>();
+  uint8_t* sh = shifted.data_ptr<uint8_t>();
   const Piece* pc = reinterpret_cast<const Piece*>(pieces.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "block_sparse_fwd", [&] {
     using T = scalar_t;
@@ -304,8 +345,7 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     T* mp = m.data_ptr<T>();
     T* lp = l.data_ptr<T>();
     advise_huge_pages(op, out.numel() * sizeof(T));
-    std::unique_ptr<HeadMajor<T>> heads;  // a single key head's rows already are contiguous
-    if (lay.hkv > 1) heads = std::make_unique<HeadMajor<T>>(kp, vp, lay, b);
+    const KeyHeads<T> heads(kp, vp, lay, b);
     // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
     at::parallel_for(0, b * lay.hkv * nitems, 1, [&](int64_t begin, int64_t end) {
       Work<T> w(max_rows * lay.g, lay.d, lay.dv);
@@ -328,70 +368,39 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
         }
         const int64_t qoff = bi * lay.tq * lay.hq * lay.d, ooff = bi * lay.tq * lay.hq * lay.dv;
-        const T* kh = heads ? heads->k(bi * lay.hkv + kvh, lay) : kp + bi * lay.tk * lay.d;
-        const T* vh = heads ? heads->v(bi * lay.hkv + kvh, lay) : vp + bi * lay.tk * lay.dv;
-        const int64_t soff = (bi * lay.hkv + kvh) * lay.tq * lay.g;
+        const int64_t bh = bi * lay.hkv + kvh, soff = bh * lay.tq * lay.g;
+        const T* kh = heads.k(bh);
+        const T* vh = heads.v(bh);
+        // the row-max shift only where a logit may leave [-EXP_SAFE, EXP_SAFE] (|s| <= scale |q| |k|), decided per
+        // (batch row, key head, query block); the backward learns which blocks have any such rows
+        const bool shift = std::abs(scale) * double(max_query_norm(qp + qoff, itm[0], itm[1], kvh, lay)) *
+                               double(heads.max_norm(bh, itm, pc + itm[2])) > kExpSafe;
+        if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
 #if defined(__AVX512F__)
         if (fw) {  // T is float
           avx512::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
                               reinterpret_cast<const float*>(vh), lay.d, lay.dv, itm, pc + itm[2],
-                              reinterpret_cast<const float*>(mask), stride_h, bq, sh[i] != 0,
+                              reinterpret_cast<const float*>(mask), stride_h, bq, shift,
                               static_cast<float>(scale), lay, kvh, reinterpret_cast<float*>(op + ooff),
                                 reinterpret_cast<float*>(mp + soff), reinterpret_cast<float*>(lp + soff), w.pieces,
                                 spans, *fw);
           continue;
         }
 #endif
-        forward_block<T>(qp + qoff, kh, vh, itm, pc + itm[2], mask, stride_h, bq, cols, sh[i] != 0,
+        forward_block<T>(qp + qoff, kh, vh, itm, pc + itm[2], mask, stride_h, bq, cols, shift,
                          static_cast<T>(scale), lay, kvh, op + ooff, mp + soff, lp + soff, w);
       }
     });
   });
 }
 
-template <typename T>
-inline T squared_norm(const T* row, int64_t d) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < d; ++j) sum += row[j] * row[j];
-  return sum;
-}
-
-// For each position t of x [B, T, H, D]: the largest |x[b, t, h, :]| over batch rows and heads, the bound that
-// _shift_needed compares with EXP_SAFE. Why here: vector_norm plus amax took ~15 ms for q and k of a [1, 16K, 8, 64]
-// call, 5% of the Longformer forward; this reads each tensor once.
-at::Tensor row_norm_max(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "row_norm_max: x must be a contiguous [B, T, H, D] tensor");
-  at::Tensor out = at::empty({x.size(1)}, x.options());
-  const int64_t b = x.size(0), t = x.size(1), h = x.size(2), d = x.size(3);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_norm_max", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, t, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t best = 0;
-        for (int64_t bi = 0; bi < b; ++bi)
-          for (int64_t hi = 0; hi < h; ++hi) {
-            const scalar_t sum = squared_norm(xp + ((bi * t + i) * h + hi) * d, d);
-            best = std::isnan(sum) || std::isnan(best) ? std::numeric_limits<scalar_t>::quiet_NaN()
-                                                       : std::max(best, sum);  // NaN propagates, as amax does
-          }
-        op[i] = std::sqrt(best);
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hybridattn, m) {
   m.def("block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor items, Tensor pieces, Tensor[] masks, "
-        "Tensor shifted, float scale, Tensor(a!) out, Tensor(b!) m, Tensor(c!) l) -> ()");
-  m.def("row_norm_max(Tensor x) -> Tensor");
+        "Tensor(d!) shifted, float scale, Tensor(a!) out, Tensor(b!) m, Tensor(c!) l) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hybridattn, CPU, m) {
   m.impl("block_sparse_fwd", &block_sparse_fwd);
-  m.impl("row_norm_max", &row_norm_max);
 }
