@@ -163,20 +163,37 @@ inline void score_tile(const float* qt, int64_t d, const float* const* kp, const
     }
 }
 
-// Rows a later step reads, fetched a share at a time while the current step computes.
+// Rows a later step reads (or writes, hint ET1), fetched a share at a time while the current step computes:
+// a burst of them stalls on the line fill buffers (the next block's q and out rows, fetched all at once at the
+// start of a block, took ~4% of the call).
 struct Prefetch {
   const char* at = nullptr;
   int64_t rows = 0, row_bytes = 0, stride = 0;  // stride: bytes from one row to the next
   int hint = _MM_HINT_T0;
-  // share i of `parts` (64-byte lines)
+  int64_t first = 0, count = -1;  // the lines covered (rows * row lines in order), -1: to the end
+
+  int64_t row_lines() const { return (row_bytes + 63) / 64; }
+  int64_t end() const { return count < 0 ? rows * row_lines() : first + count; }
+  // share i of n of the lines covered, as a Prefetch of its own
+  Prefetch slice(int64_t i, int64_t n) const {
+    Prefetch p = *this;
+    const int64_t per = (end() - first + n - 1) / n;
+    p.first = std::min(end(), first + i * per);
+    p.count = std::min(end(), p.first + per) - p.first;
+    return p;
+  }
+  // fetch share i of `parts`
   inline void part(int64_t i, int64_t parts) const {
-    const int64_t per_row = (row_bytes + 63) / 64, lines = rows * per_row, per = (lines + parts - 1) / parts;
-    for (int64_t l = i * per; l < std::min(lines, (i + 1) * per); ++l) {
-      const char* p = at + (l / per_row) * stride + (l % per_row) * 64;
+    const Prefetch p = slice(i, parts);
+    const int64_t per_row = row_lines();
+    for (int64_t l = p.first; l < p.end(); ++l) {
+      const char* a = at + (l / per_row) * stride + (l % per_row) * 64;
       if (hint == _MM_HINT_T0)
-        _mm_prefetch(p, _MM_HINT_T0);
+        _mm_prefetch(a, _MM_HINT_T0);
+      else if (hint == _MM_HINT_T1)
+        _mm_prefetch(a, _MM_HINT_T1);
       else
-        _mm_prefetch(p, _MM_HINT_T1);
+        _mm_prefetch(a, _MM_HINT_ET1);
     }
   }
 };
@@ -184,7 +201,7 @@ struct Prefetch {
 template <int R, bool kRaw, bool kShifted, bool kMasked>
 void score_piece(const float* qt, int64_t d, const float* k, int64_t ldk, int64_t width, const float* keep,
                  int64_t ldm, __mmask16 last, const float* shift, __m512* lsum, float* et, const Prefetch& pf_a,
-                 const Prefetch& pf_b) {
+                 const Prefetch& pf_b, const Prefetch& pf_c) {
   constexpr int J = tile_width(R);
   const float* kp[J];
   const int64_t tiles = std::max<int64_t>(1, width / J);
@@ -192,6 +209,7 @@ void score_piece(const float* qt, int64_t d, const float* k, int64_t ldk, int64_
   for (; j + J <= width; j += J) {
     pf_a.part(j / J, tiles);
     pf_b.part(j / J, tiles);
+    pf_c.part(j / J, tiles);
     for (int t = 0; t < J; ++t) kp[t] = k + (j + t) * ldk;
     score_tile<R, J, kRaw, kShifted, kMasked>(qt, d, kp, keep + j * ldm, ldm, last, shift, lsum, et + j * kMaxRows);
   }
@@ -295,14 +313,13 @@ void rows_block(const float* q, const float* k, const float* v, int64_t ldk, int
                 const Layout& lay, float* out, float* m_out, float* l_out, std::vector<Span>& spans, Work& w) {
   const int64_t d = lay.d, dv = lay.dv, ldq = lay.hq * d, ldo = lay.hq * dv;
   const __mmask16 last = first_lanes(nr - (R - 1) * kLanes);
-  // The next block's q and out rows are 256 B pieces 2 KiB apart, read or written once: start fetching them now
-  // (a miss on each cost as much as a tenth of the block's arithmetic).
-  for (int64_t t = t0 + kMaxRows; t < std::min(t0 + 2 * kMaxRows, lay.tq); ++t) {
-    const char* qn = reinterpret_cast<const char*>(q + t * ldq + h * d);
-    const char* on = reinterpret_cast<const char*>(out + t * ldo + h * dv);
-    for (int64_t x = 0; x < d; x += kLanes) _mm_prefetch(qn + 4 * x, _MM_HINT_T1);
-    for (int64_t x = 0; x < dv; x += kLanes) _mm_prefetch(on + 4 * x, _MM_HINT_ET1);
-  }
+  // The next block's q and out rows are 256 B pieces 2 KiB apart, read or written once: fetched during this
+  // block's first pass of scores (a miss on each cost as much as a tenth of the block's arithmetic).
+  const int64_t next_rows = std::max<int64_t>(0, std::min(t0 + 2 * kMaxRows, lay.tq) - (t0 + kMaxRows));
+  const Prefetch next_q{reinterpret_cast<const char*>(q + (t0 + kMaxRows) * ldq + h * d), next_rows, d * 4,
+                        ldq * 4, _MM_HINT_T1};
+  const Prefetch next_out{reinterpret_cast<const char*>(out + (t0 + kMaxRows) * ldo + h * dv), next_rows, dv * 4,
+                          ldo * 4, _MM_HINT_ET1};
   float* qt = w.qt.data();
   pack_qt<R>(q + t0 * ldq + h * d, ldq, nr, d, scale, qt);
   std::fill(w.m, w.m + kMaxRows, shifted ? -std::numeric_limits<float>::infinity() : 0.f);
@@ -338,12 +355,16 @@ void rows_block(const float* q, const float* k, const float* v, int64_t ldk, int
         float* se = et + s.col * kMaxRows + s.vlo * kLanes;
         const float* sk = k + s.key * ldk;
         const float* keep = s.keep ? s.keep + s.vlo * kLanes : nullptr;
+        // the next block's rows: q in the first half of the first pass's spans, out in the second
+        const int64_t n = static_cast<int64_t>(spans.size()), half = (n + 1) / 2, at = static_cast<int64_t>(i);
+        const Prefetch pf_next = lo > 0 ? Prefetch{}
+                                 : at < half ? next_q.slice(at, half) : next_out.slice(at - half, n - half);
         if (shifted)
           (keep ? score_piece<N, true, true, true> : score_piece<N, true, true, false>)(
-              sq, d, sk, ldk, s.width, keep, bq, lanes, w.m + s.vlo * kLanes, lsum + s.vlo, se, pf_k, pf_v);
+              sq, d, sk, ldk, s.width, keep, bq, lanes, w.m + s.vlo * kLanes, lsum + s.vlo, se, pf_k, pf_v, pf_next);
         else
           (keep ? score_piece<N, false, false, true> : score_piece<N, false, false, false>)(
-              sq, d, sk, ldk, s.width, keep, bq, lanes, w.m + s.vlo * kLanes, lsum + s.vlo, se, pf_k, pf_v);
+              sq, d, sk, ldk, s.width, keep, bq, lanes, w.m + s.vlo * kLanes, lsum + s.vlo, se, pf_k, pf_v, pf_next);
       });
     if (shifted) {  // online softmax over passes: running maximum over kept keys, then exp of the stored S^T
       float mx[kMaxRows];
