@@ -7,7 +7,7 @@ import torch
 
 from hybridattn.ops import _native, masks
 from hybridattn.ops.block_sparse_attention import (
-    _native_forward, _shift_needed, block_sparse_attention, cached_plan, plan_blocks,
+    _native_forward, _shift_needed, block_sparse_attention, cached_plan, compiled_workspace_bytes, plan_blocks,
 )
 from hybridattn.ops.softmax_attention import softmax_attention
 
@@ -152,6 +152,16 @@ def test_row_max_shift_decided_per_head_and_block(dtype):
     want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
     for name, a, w in zip("qkv", got, want):
         torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_compiled_forward_reports_its_workspace(kernel):
+    # the compiled forward keeps k and v head-major between calls (not a torch allocation, so memory benchmarks
+    # add what this reports): at least both tensors plus one norm per key row
+    q, k, v = torch.randn(1, 100, 4, 16), torch.randn(1, 100, 2, 16), torch.randn(1, 100, 2, 8)
+    out = block_sparse_attention(q, k, v, masks.sliding_window(5), block_q=16, block_k=16)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, masks.sliding_window(5)), rtol=1e-5, atol=1e-5)
+    if kernel == "native" and _native.built("block_sparse") is not None:
+        assert compiled_workspace_bytes() >= (k.numel() + v.numel() + 2 * 100) * 4
 
 
 def test_float64_inputs():

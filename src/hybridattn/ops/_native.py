@@ -71,6 +71,11 @@ def native_ops(kernel: str):
     return _built[kernel]
 
 
+def built(kernel: str):
+    """``torch.ops.hybridattn`` if ``csrc/<kernel>.cpp`` was already built in this process, else None (never builds)."""
+    return _built.get(kernel)
+
+
 def usable(*tensors) -> bool:
     """Whether a compiled CPU kernel can take these tensors (None entries allowed): all on the CPU, all float32 or
     all float64."""

@@ -288,6 +288,14 @@ def _native_forward(q, k, v, plan: BlockPlan, scale: float):
     return out, shift, norm, [bool(x) for x in shifted.tolist()]
 
 
+def compiled_workspace_bytes() -> int:
+    """Bytes the compiled CPU forward keeps between calls: k and v made head-major (plus one norm per key row),
+    reused so that each call does not fault in fresh pages; at most 512 MiB is kept, larger calls free theirs.
+    torch's memory profiler does not see this buffer, so memory benchmarks add it. 0 when the kernel is not built."""
+    ops = _native.built("block_sparse")
+    return int(ops.block_sparse_workspace_bytes()) if ops is not None else 0
+
+
 def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None,
                            block_q: int = 64, block_k: int = 64, plan: BlockPlan | None = None):
     """Softmax attention over the pairs ``mask`` keeps, computing only the tiles its block layout needs.
