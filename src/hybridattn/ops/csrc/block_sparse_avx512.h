@@ -308,18 +308,20 @@ void split_by_rows(const Piece& pc, int64_t col, const float* keep, int64_t bq, 
 // head's rows, gathered contiguous.
 template <int R>
 void rows_block(const float* q, const float* k, const float* v, int64_t ldk, int64_t ldv, int64_t t0, int64_t nr,
-                int64_t h,
-                const std::vector<Piece>& pieces, const float* mask, int64_t bq, bool shifted, float scale,
+                int64_t h, const std::vector<Piece>& pieces, const float* mask, int64_t bq, bool shifted, float scale,
                 const Layout& lay, float* out, float* m_out, float* l_out, std::vector<Span>& spans, Work& w) {
   const int64_t d = lay.d, dv = lay.dv, ldq = lay.hq * d, ldo = lay.hq * dv;
   const __mmask16 last = first_lanes(nr - (R - 1) * kLanes);
   // The next block's q and out rows are 256 B pieces 2 KiB apart, read or written once: fetched during this
   // block's first pass of scores (a miss on each cost as much as a tenth of the block's arithmetic).
   const int64_t next_rows = std::max<int64_t>(0, std::min(t0 + 2 * kMaxRows, lay.tq) - (t0 + kMaxRows));
-  const Prefetch next_q{reinterpret_cast<const char*>(q + (t0 + kMaxRows) * ldq + h * d), next_rows, d * 4,
-                        ldq * 4, _MM_HINT_T1};
-  const Prefetch next_out{reinterpret_cast<const char*>(out + (t0 + kMaxRows) * ldo + h * dv), next_rows, dv * 4,
-                          ldo * 4, _MM_HINT_ET1};
+  Prefetch next_q, next_out;  // empty past the last row
+  if (next_rows > 0) {
+    next_q = {reinterpret_cast<const char*>(q + (t0 + kMaxRows) * ldq + h * d), next_rows, d * 4, ldq * 4,
+              _MM_HINT_T1};
+    next_out = {reinterpret_cast<const char*>(out + (t0 + kMaxRows) * ldo + h * dv), next_rows, dv * 4, ldo * 4,
+                _MM_HINT_ET1};
+  }
   float* qt = w.qt.data();
   pack_qt<R>(q + t0 * ldq + h * d, ldq, nr, d, scale, qt);
   std::fill(w.m, w.m + kMaxRows, shifted ? -std::numeric_limits<float>::infinity() : 0.f);
