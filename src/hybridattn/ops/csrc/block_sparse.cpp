@@ -155,6 +155,7 @@ class KeyHeads {
     T best = 0;
     for (int64_t p = item[2]; p < item[3]; ++p) {
       const Piece& pc = pieces[p - item[2]];
+#pragma omp simd reduction(max : best)
       for (int64_t t = pc.key; t < pc.key + pc.width; ++t) best = std::max(best, nr[t]);
     }
     return best;
@@ -377,21 +378,24 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* kh = heads.k(bh);
         const T* vh = heads.v(bh);
         // the row-max shift only where a logit may leave [-EXP_SAFE, EXP_SAFE] (|s| <= scale |q| |k|), decided per
-        // (batch row, key head, query block); the backward learns which blocks have any such rows
-        const bool shift = std::abs(scale) * double(max_query_norm(qp + qoff, itm[0], itm[1], kvh, lay)) *
-                               double(heads.max_norm(bh, itm, pc + itm[2])) > kExpSafe;
-        if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
+        // task (per head and 64 rows in the float path, from the norms its Q^T packing sums); the backward learns
+        // which blocks have any such rows
+        const T kmax = heads.max_norm(bh, itm, pc + itm[2]);
 #if defined(__AVX512F__)
         if (fw) {  // T is float
-          avx512::forward_block(reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
-                              reinterpret_cast<const float*>(vh), lay.d, lay.dv, itm, pc + itm[2],
-                              reinterpret_cast<const float*>(mask), stride_h, bq, shift,
-                              static_cast<float>(scale), lay, kvh, reinterpret_cast<float*>(op + ooff),
-                                reinterpret_cast<float*>(mp + soff), reinterpret_cast<float*>(lp + soff), w.pieces,
-                                spans, *fw);
+          const bool shift = avx512::forward_block(
+              reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
+              reinterpret_cast<const float*>(vh), lay.d, lay.dv, itm, pc + itm[2], reinterpret_cast<const float*>(mask),
+              stride_h, bq, static_cast<float>(kmax), static_cast<float>(scale), lay, kvh,
+              reinterpret_cast<float*>(op + ooff), reinterpret_cast<float*>(mp + soff),
+              reinterpret_cast<float*>(lp + soff), w.pieces, spans, *fw);
+          if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
           continue;
         }
 #endif
+        const bool shift = std::abs(scale) * double(max_query_norm(qp + qoff, itm[0], itm[1], kvh, lay)) *
+                               double(kmax) > kExpSafe;
+        if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
         forward_block<T>(qp + qoff, kh, vh, itm, pc + itm[2], mask, stride_h, bq, cols, shift,
                          static_cast<T>(scale), lay, kvh, op + ooff, mp + soff, lp + soff, w);
       }

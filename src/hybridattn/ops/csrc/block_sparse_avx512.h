@@ -108,11 +108,14 @@ inline __mmask16 first_lanes(int64_t n) {
   return n >= kLanes ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-// qt[x][t] = scale * q[t][x] for the nr rows of q (row stride ldq), zero up to R * 16 rows.
+// qt[x][t] = scale * q[t][x] for the nr rows of q (row stride ldq), zero up to R * 16 rows; returns the largest
+// squared norm of those scaled rows (the row-max shift decision's |scale| |q|, summed from the transposed tiles).
 template <int R>
-inline void pack_qt(const float* q, int64_t ldq, int64_t nr, int64_t d, float scale, float* qt) {
+inline float pack_qt(const float* q, int64_t ldq, int64_t nr, int64_t d, float scale, float* qt) {
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int r = 0; r < R; ++r)
+  __m512 most = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    __m512 norm2 = _mm512_setzero_ps();  // lane i: row r * 16 + i
     for (int64_t x0 = 0; x0 < d; x0 += kLanes) {
       const __mmask16 cols = first_lanes(d - x0);
       __m512 tile[kLanes];
@@ -121,9 +124,14 @@ inline void pack_qt(const float* q, int64_t ldq, int64_t nr, int64_t d, float sc
         tile[i] = t < nr ? _mm512_mul_ps(_mm512_maskz_loadu_ps(cols, q + t * ldq + x0), sc) : _mm512_setzero_ps();
       }
       transpose16(tile);
-      for (int64_t c = 0; c < std::min<int64_t>(kLanes, d - x0); ++c)
+      for (int64_t c = 0; c < std::min<int64_t>(kLanes, d - x0); ++c) {
         _mm512_storeu_ps(qt + (x0 + c) * kMaxRows + r * kLanes, tile[c]);
+        norm2 = _mm512_fmadd_ps(tile[c], tile[c], norm2);
+      }
     }
+    most = _mm512_max_ps(most, norm2);
+  }
+  return _mm512_reduce_max_ps(most);
 }
 
 // out[t][x] = ot[x][t] * inv[t] for the nr rows of out (row stride ldo).
@@ -313,9 +321,11 @@ void split_by_rows(const Piece& pc, int64_t col, const float* keep, int64_t bq, 
 // Query rows [t0, t0 + nr) of head h (nr <= 64) of one query block, as the generic forward_block does for all
 // heads of a key head at once; mask points at the keep flags of row t0 (column c at + c * bq); k, v: this key
 // head's rows, gathered contiguous.
+// Returns whether these rows took the row-max shift: only where a logit may leave [-EXP_SAFE, EXP_SAFE], i.e.
+// |scale| max |q_t| * kmax (the largest |k| over the block's keys) > EXP_SAFE.
 template <int R>
-void rows_block(const float* q, const float* k, const float* v, int64_t ldk, int64_t ldv, int64_t t0, int64_t nr,
-                int64_t h, const std::vector<Piece>& pieces, const float* mask, int64_t bq, bool shifted, float scale,
+bool rows_block(const float* q, const float* k, const float* v, int64_t ldk, int64_t ldv, int64_t t0, int64_t nr,
+                int64_t h, const std::vector<Piece>& pieces, const float* mask, int64_t bq, float kmax, float scale,
                 const Layout& lay, float* out, float* m_out, float* l_out, std::vector<Span>& spans, Work& w) {
   const int64_t d = lay.d, dv = lay.dv, ldq = lay.hq * d, ldo = lay.hq * dv;
   const __mmask16 last = first_lanes(nr - (R - 1) * kLanes);
@@ -330,7 +340,13 @@ void rows_block(const float* q, const float* k, const float* v, int64_t ldk, int
                 _MM_HINT_ET1};
   }
   float* qt = w.qt.data();
-  pack_qt<R>(q + t0 * ldq + h * d, ldq, nr, d, shifted ? scale : scale * kLog2e, qt);
+  const bool shifted = std::sqrt(double(pack_qt<R>(q + t0 * ldq + h * d, ldq, nr, d, scale, qt))) * kmax > kExpSafe;
+  if (!shifted)  // scores in units of log2(e): see kLog2e
+    for (int64_t x = 0; x < d; ++x)
+      for (int r = 0; r < R; ++r) {
+        float* p = qt + x * kMaxRows + r * kLanes;
+        _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(kLog2e)));
+      }
   std::fill(w.m, w.m + kMaxRows, shifted ? -std::numeric_limits<float>::infinity() : 0.f);
   std::fill(w.ot.begin(), w.ot.end(), 0.f);
   __m512 lsum[R];
@@ -431,21 +447,24 @@ void rows_block(const float* q, const float* k, const float* v, int64_t ldk, int
     m_out[row] = inv[t] == 0.f ? 0.f : w.m[t];
     l_out[row] = inv[t] == 0.f ? 1.f : w.l[t];
   }
+  return shifted;
 }
 
-inline void forward_block(const float* q, const float* k, const float* v, int64_t ldk, int64_t ldv, const int64_t* item,
-                          const Piece* pieces_in,
-                   const float* mask, int64_t mask_stride_h, int64_t bq, bool shifted, float scale, const Layout& lay,
-                   int64_t kvh, float* out, float* m_out, float* l_out, std::vector<Piece>& pieces,
-                   std::vector<Span>& spans, Work& w) {
+// One task: all G query heads of key head kvh, in row blocks of at most 64; returns whether any took the shift.
+inline bool forward_block(const float* q, const float* k, const float* v, int64_t ldk, int64_t ldv, const int64_t* item,
+                          const Piece* pieces_in, const float* mask, int64_t mask_stride_h, int64_t bq, float kmax,
+                          float scale, const Layout& lay, int64_t kvh, float* out, float* m_out, float* l_out,
+                          std::vector<Piece>& pieces, std::vector<Span>& spans, Work& w) {
   split_pieces(item, pieces_in, pieces);
+  bool any = false;
   for (int64_t h = kvh * lay.g; h < (kvh + 1) * lay.g; ++h)
     for (int64_t t0 = item[0]; t0 < item[0] + item[1]; t0 += kMaxRows) {
       const int64_t nr = std::min<int64_t>(kMaxRows, item[0] + item[1] - t0);
       const float* mk = mask ? mask + (mask_stride_h ? h * mask_stride_h : 0) + (t0 - item[0]) : nullptr;
       auto run = nr > 48 ? rows_block<4> : nr > 32 ? rows_block<3> : nr > 16 ? rows_block<2> : rows_block<1>;
-      run(q, k, v, ldk, ldv, t0, nr, h, pieces, mk, bq, shifted, scale, lay, out, m_out, l_out, spans, w);
+      any |= run(q, k, v, ldk, ldv, t0, nr, h, pieces, mk, bq, kmax, scale, lay, out, m_out, l_out, spans, w);
     }
+  return any;
 }
 
 }  // namespace hybridattn_csrc::sparse::avx512
