@@ -269,9 +269,10 @@ def _native_forward(q, k, v, plan: BlockPlan, scale: float):
     """The forward by the compiled CPU kernel (``csrc/block_sparse.cpp``): ``(out, shift, norm, shifted)`` as the
     PyTorch loop saves them, or None where the kernel cannot run (not built, not CPU, not float32/float64).
 
-    The kernel decides the row-max shift per (batch row, key head, query block) from its own norms (no pass over
-    q and k here); ``shifted[i]`` says whether any of block i's did, and its other rows keep ``m = 0``, which the
-    backward's clamp to ``[-EXP_SAFE, EXP_SAFE]`` leaves exact (their logits are bounded by EXP_SAFE)."""
+    The kernel decides the row-max shift from its own norms (no pass over q and k here), per query head and 64
+    rows for float32 with AVX-512, else per key head and block; ``shifted[i]`` says whether any rows of block i
+    did, and its other rows keep ``m = 0``, which the backward's clamp to ``[-EXP_SAFE, EXP_SAFE]`` leaves exact
+    (their logits are bounded by EXP_SAFE)."""
     ops = _native.native_ops("block_sparse") if _native.usable(q, k, v) else None
     if ops is None:
         return None

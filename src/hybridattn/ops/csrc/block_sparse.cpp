@@ -4,8 +4,9 @@
 // docstring); why it exists: there every step of a query block is a separate torch op on a [H, 64, ~600] tile
 // (matmul, exp, mask multiply, row sum, division) -- about ten passes over the tile through op dispatch, all
 // batched over heads, so a second core gets tiles too small to split. Here a thread takes whole query blocks,
-// runs S = Q K^T and E V as single-threaded BLAS calls straight on k / v (a contiguous key range is a matrix with
-// row stride Hkv * D: no gather), and does the exp, the mask and the row sum in one pass over S while it is in L1 / L2.
+// runs S = Q K^T and E V on one key head's contiguous rows (KeyHeads) -- register tiles for float32 with AVX-512
+// (block_sparse_avx512.h), single-threaded BLAS otherwise -- and does the exp, the mask and the row sum in one
+// pass over S while it is in L1 / L2.
 //
 // Plan (built once per BlockPlan by block_sparse_plan.py::native_layout): items [N, 6] per query block
 // (q_start, rows, piece_begin, piece_end, group, mask_row) and pieces [P, 3] (key_start, width, mask_col): the
@@ -14,9 +15,10 @@
 // its G dimension).
 //
 // Outputs, written in place: out [B, Tq, Hq, Dv]; m, l [B, Hkv, Tq * G] (row shift and row sum, rows in (t, g)
-// order: the backward's input); shifted [N] (uint8, zeroed by the caller): 1 where some (batch row, key head) of
-// the block took the row-max shift. Each (batch row, key head, block) decides for itself: rows whose logits are
-// bounded by EXP_SAFE (scale |q| |k|, as _shift_needed bounds them for the PyTorch loop) keep m = 0. Rows that keep no key get out = 0, m = 0, l = 1 (finite for the backward, which
+// order: the backward's input); shifted [N] (uint8, zeroed by the caller): 1 where any rows of the block took the
+// row-max shift. The kernel decides it from its own norms (scale |q| |k| bounds the logits, as _shift_needed does
+// for the PyTorch loop): per query head and 64 rows in the float path, per key head and block in the generic one;
+// rows left unshifted keep m = 0. Rows that keep no key get out = 0, m = 0, l = 1 (finite for the backward, which
 // zeroes them). Rows of query blocks not in items are left as the caller initialised them.
 
 #include <ATen/ATen.h>
@@ -191,7 +193,7 @@ class KeyHeads {
   T* norms_ = nullptr;
 };
 
-// The largest |q| over rows [start, start + rows) of the G query heads of key head kvh (rows of stride ldq).
+// The largest |q| over rows [start, start + rows) of the G query heads of key head kvh (generic path).
 template <typename T>
 T max_query_norm(const T* q, int64_t start, int64_t rows, int64_t kvh, const Layout& lay) {
   T best = 0;
@@ -330,6 +332,8 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(items.scalar_type() == at::kLong && pieces.scalar_type() == at::kLong &&
                   shifted.scalar_type() == at::kByte && items.is_contiguous() && pieces.is_contiguous(),
               "block_sparse_fwd: items / pieces must be contiguous int64, shifted uint8");
+  TORCH_CHECK(shifted.is_contiguous() && shifted.numel() == items.size(0),
+              "block_sparse_fwd: shifted must hold one uint8 per item");
   const int64_t b = q.size(0), nitems = items.size(0);
   Layout lay{q.size(1), k.size(1), q.size(2), k.size(2), q.size(2) / k.size(2), q.size(3), v.size(3)};
   int64_t max_rows = 1;

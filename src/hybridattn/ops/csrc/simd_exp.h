@@ -41,10 +41,5 @@ inline __m512 exp2_16_in_range(__m512 t) {
   return _mm512_scalef_ps(y, n);
 }
 
-// exp for any x: clamped to [-87, 88] first.
-inline __m512 exp16(__m512 x) {
-  return exp16_in_range(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f)));
-}
-
 }  // namespace hybridattn_csrc
 #endif
