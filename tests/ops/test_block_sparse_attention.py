@@ -122,6 +122,10 @@ def test_register_tiles_on_dims_off_the_vector_width():
     _compare(spec, tq=200, tk=200, hq=6, hkv=2, d=24, dv=40, block_q=64, block_k=32)
     _compare(masks.longformer(21, [0, 130]), b=1, tq=150, tk=150, hq=3, hkv=3, d=17, dv=33, block_q=64,
              block_k=16)
+    # the head-major copy of k and v streams whole 64-byte lines: Dv = 32 rows start off a line after 101 * 3 rows
+    # of D = 20 (plain copies there), and on one after rows of D = 16
+    _compare(masks.sliding_window(30, 30), b=1, tq=101, tk=101, hq=3, hkv=3, d=20, dv=32, block_q=64, block_k=32)
+    _compare(masks.sliding_window(30, 30), b=1, tq=101, tk=101, hq=6, hkv=3, d=16, dv=48, block_q=64, block_k=32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -120,7 +120,7 @@ class KeyHeads {
     const bool copy = lay.hkv > 1;
     const size_t rows = b * lay.hkv * lay.tk, nk = copy ? rows * lay.d : 0, nv = copy ? rows * lay.dv : 0;
     buf_.reserve(nk + nv + rows);
-    k_ = buf_.data.get();
+    k_ = buf_.data;
     v_ = k_ + nk;
     norms_ = v_ + nv;
     at::parallel_for(0, b * lay.tk, 64, [&](int64_t begin, int64_t end) {
@@ -132,12 +132,13 @@ class KeyHeads {
           norms_[row] = std::sqrt(squared_norm(ks, lay.d));
           if (!copy) continue;
           const T* vs = vp + (r * lay.hkv + h) * lay.dv;
-          T* kt = k_ + row * lay.d;
-          T* vt = v_ + row * lay.dv;
-          for (int64_t x = 0; x < lay.d; ++x) kt[x] = ks[x];  // loops, not std::copy: no libc call per row
-          for (int64_t x = 0; x < lay.dv; ++x) vt[x] = vs[x];
+          copy_row(ks, k_ + row * lay.d, lay.d);
+          copy_row(vs, v_ + row * lay.dv, lay.dv);
         }
       }
+#if defined(__AVX512F__)
+      _mm_sfence();  // the streaming stores are visible before the tasks read the rows
+#endif
     });
   }
   ~KeyHeads() {
@@ -164,14 +165,31 @@ class KeyHeads {
   }
 
  private:
+  // One row copied; float rows of whole cache lines with streaming stores: the buffer is far larger than the
+  // caches, so the plain stores' read-for-ownership of each line would be a third of the pass's memory traffic.
+  static void copy_row(const T* src, T* dst, int64_t n) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (n % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+        for (int64_t x = 0; x < n; x += 16) _mm512_stream_ps(dst + x, _mm512_loadu_ps(src + x));
+        return;
+      }
+    }
+#endif
+    for (int64_t x = 0; x < n; ++x) dst[x] = src[x];  // a loop, not std::copy: no libc call per row
+  }
   struct Buffer {  // uninitialised until the pass writes it, so that the huge-page hint comes before any fault
-    std::unique_ptr<T[]> data;
+    static constexpr size_t kAlign = 64 / sizeof(T);  // elements: rows of whole lines start on a line
+    std::unique_ptr<T[]> storage;
+    T* data = nullptr;
     size_t size = 0;
     void reserve(size_t n) {
       if (n <= size) return;
-      data.reset(new T[n]);
+      storage.reset(new T[n + kAlign]);
+      const uintptr_t at = reinterpret_cast<uintptr_t>(storage.get());
+      data = storage.get() + (((at + 63) & ~uintptr_t(63)) - at) / sizeof(T);
       size = n;
-      advise_huge_pages(data.get(), n * sizeof(T));
+      advise_huge_pages(data, n * sizeof(T));
     }
   };
   struct Shared {

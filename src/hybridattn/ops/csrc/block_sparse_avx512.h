@@ -27,8 +27,9 @@ namespace hybridattn_csrc::sparse::avx512 {
 
 constexpr int kLanes = 16, kMaxVec = 4, kMaxRows = kLanes * kMaxVec;
 // Keys per S^T tile and value columns per O^T tile for R row vectors: R * tile accumulators, at least 8
-// independent FMA chains (two FMA ports of latency 4) and at most 24 so that the operands fit in 32 registers.
-constexpr int tile_width(int r) { return r == 1 ? 12 : r == 2 ? 8 : 6; }
+// independent FMA chains (two FMA ports of latency 4) and at most 24 so that the operands fit in 32 registers;
+// one vector takes 16, so that a window edge's 16-key spans are one tile (12 + 4 left a tail of 4 chains).
+constexpr int tile_width(int r) { return r == 1 ? 16 : r == 2 ? 8 : 6; }
 
 struct Work {
   std::vector<float> qt, et, ot;
@@ -340,13 +341,11 @@ bool rows_block(const float* q, const float* k, const float* v, int64_t ldk, int
                 _MM_HINT_ET1};
   }
   float* qt = w.qt.data();
-  const bool shifted = std::sqrt(double(pack_qt<R>(q + t0 * ldq + h * d, ldq, nr, d, scale, qt))) * kmax > kExpSafe;
-  if (!shifted)  // scores in units of log2(e): see kLog2e
-    for (int64_t x = 0; x < d; ++x)
-      for (int r = 0; r < R; ++r) {
-        float* p = qt + x * kMaxRows + r * kLanes;
-        _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(kLog2e)));
-      }
+  const float* rows = q + t0 * ldq + h * d;
+  // packed for scores in units of log2(e) (see kLog2e), which most blocks take; shifted ones are packed again
+  const double norm = std::sqrt(double(pack_qt<R>(rows, ldq, nr, d, scale * kLog2e, qt))) / double(kLog2e);
+  const bool shifted = norm * kmax > kExpSafe;
+  if (shifted) pack_qt<R>(rows, ldq, nr, d, scale, qt);
   std::fill(w.m, w.m + kMaxRows, shifted ? -std::numeric_limits<float>::infinity() : 0.f);
   std::fill(w.ot.begin(), w.ot.end(), 0.f);
   __m512 lsum[R];
