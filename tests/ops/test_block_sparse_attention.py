@@ -75,6 +75,26 @@ def test_matches_dense_reference_gqa_odd_lengths(name):
     _compare(spec, b=b)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 7])
+def test_any_thread_count_computes_every_block_once(threads):
+    """Threads that finish their share take blocks from the others' (ops/csrc/work_sharing.h): with more threads
+    than blocks, or shares that do not divide evenly, each block is still computed once, bit for bit as on one
+    thread."""
+    spec = masks.longformer(5, [0, 30]) & masks.causal()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 45, 4, 12, generator=gen) for _ in range(3))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16)
+        torch.set_num_threads(threads)
+        got = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.double(), _reference(q, k, v, spec), rtol=1e-5, atol=1e-5)
+
+
 def test_large_logits_use_the_shifted_exp_path_per_block():
     # logit bounds beyond EXP_SAFE in the second half of the queries: those blocks subtract the row maximum
     # (over kept keys only) before exp(), the others skip it; both must match the reference. (A gain of 10

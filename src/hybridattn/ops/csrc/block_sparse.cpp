@@ -6,7 +6,8 @@
 // batched over heads, so a second core gets tiles too small to split. Here a thread takes whole query blocks,
 // runs S = Q K^T and E V on one key head's contiguous rows (KeyHeads) -- register tiles for float32 with AVX-512
 // (block_sparse_avx512.h), single-threaded BLAS otherwise -- and does the exp, the mask and the row sum in one
-// pass over S while it is in L1 / L2.
+// pass over S while it is in L1 / L2. Threads start on contiguous shares of the tasks and, when done, take tasks
+// left in the others' (work_sharing.h).
 //
 // Plan (built once per BlockPlan by block_sparse_plan.py::native_layout): items [N, 6] per query block
 // (q_start, rows, piece_begin, piece_end, group, mask_row) and pieces [P, 3] (key_start, width, mask_col): the
@@ -41,6 +42,7 @@
 #include "blas.h"
 #include "block_sparse.h"
 #include "block_sparse_avx512.h"
+#include "work_sharing.h"
 
 namespace {
 
@@ -374,53 +376,60 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     T* lp = l.data_ptr<T>();
     advise_huge_pages(op, out.numel() * sizeof(T));
     const KeyHeads<T> heads(kp, vp, lay, b);
-    // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
-    at::parallel_for(0, b * lay.hkv * nitems, 1, [&](int64_t begin, int64_t end) {
-      Work<T> w(max_rows * lay.g, lay.d, lay.dv);
+    struct State {
+      Work<T> w;
 #if defined(__AVX512F__)
       std::unique_ptr<avx512::Work> fw;
       std::vector<avx512::Span> spans;
-      if (std::is_same_v<T, float>) fw = std::make_unique<avx512::Work>(lay.d, lay.dv);
 #endif
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t i = task % nitems, kvh = (task / nitems) % lay.hkv, bi = task / (nitems * lay.hkv);
-        const int64_t* itm = it + i * 6;
-        const T* mask = nullptr;
-        int64_t stride_h = 0, bq = 0, cols = 0;
-        const at::Tensor& mt = mk[itm[4]];
-        if (mt.numel()) {
-          const int64_t bm = mt.size(0), gm = mt.size(1), hm = mt.size(2);
-          cols = mt.size(3);
-          bq = mt.size(4);
-          stride_h = hm > 1 ? bq * cols : 0;
-          mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
-        }
-        const int64_t qoff = bi * lay.tq * lay.hq * lay.d, ooff = bi * lay.tq * lay.hq * lay.dv;
-        const int64_t bh = bi * lay.hkv + kvh, soff = bh * lay.tq * lay.g;
-        const T* kh = heads.k(bh);
-        const T* vh = heads.v(bh);
-        // the row-max shift only where a logit may leave [-EXP_SAFE, EXP_SAFE] (|s| <= scale |q| |k|), decided per
-        // task (per head and 64 rows in the float path, from the norms its Q^T packing sums); the backward learns
-        // which blocks have any such rows
-        const T kmax = heads.max_norm(bh, itm, pc + itm[2]);
+    };
+    auto make_state = [&] {
+      State st{Work<T>(max_rows * lay.g, lay.d, lay.dv)};
 #if defined(__AVX512F__)
-        if (fw) {  // T is float
-          const bool shift = avx512::forward_block(
-              reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
-              reinterpret_cast<const float*>(vh), lay.d, lay.dv, itm, pc + itm[2], reinterpret_cast<const float*>(mask),
-              stride_h, bq, static_cast<float>(kmax), static_cast<float>(scale), lay, kvh,
-              reinterpret_cast<float*>(op + ooff), reinterpret_cast<float*>(mp + soff),
-              reinterpret_cast<float*>(lp + soff), w.pieces, spans, *fw);
-          if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
-          continue;
-        }
+      if (std::is_same_v<T, float>) st.fw = std::make_unique<avx512::Work>(lay.d, lay.dv);
 #endif
-        const bool shift = std::abs(scale) * double(max_query_norm(qp + qoff, itm[0], itm[1], kvh, lay)) *
-                               double(kmax) > kExpSafe;
-        if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
-        forward_block<T>(qp + qoff, kh, vh, itm, pc + itm[2], mask, stride_h, bq, cols, shift,
-                         static_cast<T>(scale), lay, kvh, op + ooff, mp + soff, lp + soff, w);
+      return st;
+    };
+    // tasks ordered (batch row, key head, query block): a thread's consecutive blocks share most of their keys
+    parallel_tasks(b * lay.hkv * nitems, make_state, [&](State& st, int64_t task) {
+      Work<T>& w = st.w;
+      const int64_t i = task % nitems, kvh = (task / nitems) % lay.hkv, bi = task / (nitems * lay.hkv);
+      const int64_t* itm = it + i * 6;
+      const T* mask = nullptr;
+      int64_t stride_h = 0, bq = 0, cols = 0;
+      const at::Tensor& mt = mk[itm[4]];
+      if (mt.numel()) {
+        const int64_t bm = mt.size(0), gm = mt.size(1), hm = mt.size(2);
+        cols = mt.size(3);
+        bq = mt.size(4);
+        stride_h = hm > 1 ? bq * cols : 0;
+        mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
       }
+      const int64_t qoff = bi * lay.tq * lay.hq * lay.d, ooff = bi * lay.tq * lay.hq * lay.dv;
+      const int64_t bh = bi * lay.hkv + kvh, soff = bh * lay.tq * lay.g;
+      const T* kh = heads.k(bh);
+      const T* vh = heads.v(bh);
+      // the row-max shift only where a logit may leave [-EXP_SAFE, EXP_SAFE] (|s| <= scale |q| |k|), decided per
+      // task (per head and 64 rows in the float path, from the norms its Q^T packing sums); the backward learns
+      // which blocks have any such rows
+      const T kmax = heads.max_norm(bh, itm, pc + itm[2]);
+#if defined(__AVX512F__)
+      if (st.fw) {  // T is float
+        const bool shift = avx512::forward_block(
+            reinterpret_cast<const float*>(qp + qoff), reinterpret_cast<const float*>(kh),
+            reinterpret_cast<const float*>(vh), lay.d, lay.dv, itm, pc + itm[2], reinterpret_cast<const float*>(mask),
+            stride_h, bq, static_cast<float>(kmax), static_cast<float>(scale), lay, kvh,
+            reinterpret_cast<float*>(op + ooff), reinterpret_cast<float*>(mp + soff),
+            reinterpret_cast<float*>(lp + soff), w.pieces, st.spans, *st.fw);
+        if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
+        return;
+      }
+#endif
+      const bool shift = std::abs(scale) * double(max_query_norm(qp + qoff, itm[0], itm[1], kvh, lay)) *
+                             double(kmax) > kExpSafe;
+      if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
+      forward_block<T>(qp + qoff, kh, vh, itm, pc + itm[2], mask, stride_h, bq, cols, shift,
+                       static_cast<T>(scale), lay, kvh, op + ooff, mp + soff, lp + soff, w);
     });
   });
 }
