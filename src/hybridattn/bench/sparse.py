@@ -8,7 +8,7 @@ Targets (issue 4), each printed as a ratio measured in this run with PASS / MISS
   that at the shortest; the table is printed);
 - Longformer (window 256 on each side + 16 global tokens) and BigBird (window 1 block, 2 global blocks, 3 random
   blocks of 64) at T=16K, forward: time within 1.5x of ``kept pairs * 4 * D`` FLOPs at the same run's fp32
-  matmul throughput.
+  matmul throughput (the median over calls of each call's time against the matmul rate measured right after it).
 
 Planning (block layout and tile masks) is done once per spec and length, as a layer does, and is timed apart.
 ``--quick`` runs the same code at small sizes (a smoke test; its ratios are not the targets).
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--scaling", type=str, default="4096,8192,16384,32768,65536")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dense-repeats", type=int, default=2, help="repeats of the (slow) dense baseline")
+    p.add_argument("--fwd-repeats", type=int, default=9,
+                   help="Longformer / BigBird forward calls, each paired with a matmul throughput measurement")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.length, args.window, args.scaling, args.repeats = 1024, 128, "512,1024,2048", 1
-        args.dense_repeats = 1
+        args.dense_repeats, args.fwd_repeats = 1, 3
     dev = default_device(args.device)
     t, h, d, w, blk, blk_k = args.length, args.heads, args.dim, args.window, args.block, args.block_k
     torch.manual_seed(0)
@@ -141,16 +143,20 @@ def main(argv=None) -> int:
         block_k = 64 if "BigBird" in name else blk_k  # BigBird's own blocks are the key tiles
         step = _sparse_step(spec, q, k, v, blk, block_k, backward=False)
         step()  # warm-up
-        # matmul throughput measured between the attention calls, so that both see the same load
+        # each call is paired with the matmul throughput measured right after it, so that both see the same load
+        # (steal time on a shared VM moves either by 10-40% within a minute); the ratio is the median of the pairs'
         samples = [(median_time(step, repeats=1, warmup=0, device=dev), matmul_flops_per_second(torch.float32, dev))
-                   for _ in range(args.repeats)]
+                   for _ in range(args.fwd_repeats)]
+        flop = spec.kept_pairs(t, t) * h * 4 * d
+        ratios = sorted(seconds * flops / flop for seconds, flops in samples)
         seconds = statistics.median(x for x, _ in samples)
         flops = statistics.median(f for _, f in samples)
-        ideal = spec.kept_pairs(t, t) * h * 4 * d / flops
-        print(f"{name}: {seconds:.3f} s, ideal {ideal:.3f} s", flush=True)
+        print(f"{name}: {seconds:.3f} s, ideal {flop / flops:.3f} s, ratios " + " ".join(f"{r:.2f}" for r in ratios),
+              flush=True)
         rows.append(TargetRow(f"{name} T={t} fwd: time / (pairs * 4D / matmul FLOP/s)", "<= 1.5x",
-                              f"{seconds:.3f} s vs ideal {ideal:.3f} s ({flops / 1e9:.0f} GFLOP/s)",
-                              seconds / ideal, 1.5, higher_is_better=False))
+                              f"{seconds:.3f} s vs ideal {flop / flops:.3f} s ({flops / 1e9:.0f} GFLOP/s); median of "
+                              f"{len(ratios)} paired ratios, range {ratios[0]:.2f}-{ratios[-1]:.2f}",
+                              statistics.median(ratios), 1.5, higher_is_better=False))
         del q, k, v
     ok = print_targets(f"sparse attention targets (T={t}, H={h}, D={d}, fp32, {dev})", rows)
     return 0 if ok else 1
