@@ -95,6 +95,26 @@ def test_any_thread_count_computes_every_block_once(threads):
     torch.testing.assert_close(got.double(), _reference(q, k, v, spec), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 4096, 8, 64, 64), (1, 8192, 16, 64, 40)])
+def test_outputs_of_16_mib_and_more_match_the_pytorch_loop(kernel, shape):
+    """From 16 MiB on, the compiled forward writes its output with streaming stores (whole lines; Dv = 40 leaves
+    rows that start off a line, written as before). Too large for the dense reference: compared with the PyTorch
+    loop, which the other tests hold to it."""
+    if kernel == "torch":
+        pytest.skip("compares the compiled forward with the PyTorch loop")
+    b, t, h, d, dv = shape
+    spec = masks.longformer(100, [0, 33]) & masks.causal()
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, t, h, d, generator=gen)
+    k = torch.randn(b, t, h // 2, d, generator=gen)
+    v = torch.randn(b, t, h // 2, dv, generator=gen)
+    got = block_sparse_attention(q, k, v, spec, block_q=64, block_k=64)
+    with _native.disabled():
+        want = block_sparse_attention(q, k, v, spec, block_q=64, block_k=64)
+    assert got.numel() * got.element_size() >= 16 << 20
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_large_logits_use_the_shifted_exp_path_per_block():
     # logit bounds beyond EXP_SAFE in the second half of the queries: those blocks subtract the row maximum
     # (over kept keys only) before exp(), the others skip it; both must match the reference. (A gain of 10

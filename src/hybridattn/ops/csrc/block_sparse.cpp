@@ -343,6 +343,11 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
     }
 }
 
+// From this size on, the output is written with streaming stores: it is fresh memory, far larger than the caches,
+// so plain stores would first read every line they write (the Longformer forward at T = 16K, 32 MiB of output,
+// ran ~4% faster). A smaller output stays cached for whatever reads it next.
+constexpr int64_t kStreamOutBytes = int64_t(16) << 20;
+
 void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& items,
                       const at::Tensor& pieces, const at::TensorList masks, at::Tensor& shifted, double scale,
                       at::Tensor& out, at::Tensor& m, at::Tensor& l) {
@@ -356,6 +361,7 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
               "block_sparse_fwd: shifted must hold one uint8 per item");
   const int64_t b = q.size(0), nitems = items.size(0);
   Layout lay{q.size(1), k.size(1), q.size(2), k.size(2), q.size(2) / k.size(2), q.size(3), v.size(3)};
+  lay.stream_out = out.numel() * out.element_size() >= kStreamOutBytes;
   int64_t max_rows = 1;
   const int64_t* it = items.data_ptr<int64_t>();
   for (int64_t i = 0; i < nitems; ++i) max_rows = std::max(max_rows, it[i * 6 + 1]);
@@ -422,6 +428,7 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             reinterpret_cast<float*>(op + ooff), reinterpret_cast<float*>(mp + soff),
             reinterpret_cast<float*>(lp + soff), w.pieces, st.spans, *st.fw);
         if (shift) __atomic_store_n(sh + i, uint8_t(1), __ATOMIC_RELAXED);
+        if (lay.stream_out) _mm_sfence();  // this task's streaming stores are visible when the call returns
         return;
       }
 #endif

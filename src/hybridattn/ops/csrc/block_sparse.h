@@ -40,6 +40,8 @@ inline void split_pieces(const int64_t* item, const Piece* pieces_in, std::vecto
 
 struct Layout {  // sizes and strides of one call
   int64_t tq, tk, hq, hkv, g, d, dv;
+  // the float path writes whole output lines with streaming stores (see kStreamOutBytes in block_sparse.cpp)
+  bool stream_out = false;
 };
 
 }  // namespace hybridattn_csrc::sparse

@@ -135,9 +135,11 @@ inline float pack_qt(const float* q, int64_t ldq, int64_t nr, int64_t d, float s
   return _mm512_reduce_max_ps(most);
 }
 
-// out[t][x] = ot[x][t] * inv[t] for the nr rows of out (row stride ldo).
+// out[t][x] = ot[x][t] * inv[t] for the nr rows of out (row stride ldo); with `stream`, whole lines that start on
+// a line are written with streaming stores.
 template <int R>
-inline void store_rows(const float* ot, const float* inv, int64_t nr, int64_t dv, float* out, int64_t ldo) {
+inline void store_rows(const float* ot, const float* inv, int64_t nr, int64_t dv, float* out, int64_t ldo,
+                       bool stream) {
   for (int r = 0; r < R; ++r)
     for (int64_t x0 = 0; x0 < dv; x0 += kLanes) {
       const int64_t nx = std::min<int64_t>(kLanes, dv - x0);
@@ -145,9 +147,14 @@ inline void store_rows(const float* ot, const float* inv, int64_t nr, int64_t dv
       for (int c = 0; c < kLanes; ++c)
         tile[c] = c < nx ? _mm512_loadu_ps(ot + (x0 + c) * kMaxRows + r * kLanes) : _mm512_setzero_ps();
       transpose16(tile);
+      const bool lines = stream && nx == kLanes && reinterpret_cast<uintptr_t>(out + x0) % 64 == 0 && ldo % 16 == 0;
       for (int i = 0; i < kLanes && r * kLanes + i < nr; ++i) {
         const int64_t t = r * kLanes + i;
-        _mm512_mask_storeu_ps(out + t * ldo + x0, first_lanes(nx), _mm512_mul_ps(tile[i], _mm512_set1_ps(inv[t])));
+        const __m512 y = _mm512_mul_ps(tile[i], _mm512_set1_ps(inv[t]));
+        if (lines)
+          _mm512_stream_ps(out + t * ldo + x0, y);
+        else
+          _mm512_mask_storeu_ps(out + t * ldo + x0, first_lanes(nx), y);
       }
     }
 }
@@ -359,8 +366,9 @@ bool rows_block(const float* q, const float* k, const float* v, int64_t ldk, int
   if (next_rows > 0) {
     next_q = {reinterpret_cast<const char*>(q + (t0 + kMaxRows) * ldq + h * d), next_rows, d * 4, ldq * 4,
               _MM_HINT_T1};
-    next_out = {reinterpret_cast<const char*>(out + (t0 + kMaxRows) * ldo + h * dv), next_rows, dv * 4, ldo * 4,
-                _MM_HINT_ET1};
+    if (!lay.stream_out)  // streaming stores need no line in the cache
+      next_out = {reinterpret_cast<const char*>(out + (t0 + kMaxRows) * ldo + h * dv), next_rows, dv * 4,
+                  ldo * 4, _MM_HINT_ET1};
   }
   float* qt = w.qt.data();
   const float* rows = q + t0 * ldq + h * d;
@@ -462,7 +470,7 @@ bool rows_block(const float* q, const float* k, const float* v, int64_t ldk, int
   alignas(64) float inv[kMaxRows];
   // a row without any kept key has l = 0 exactly (a kept key weighs at least e^-40): out 0, m 0, l 1
   for (int64_t t = 0; t < nr; ++t) inv[t] = pieces.empty() || w.l[t] == 0.f ? 0.f : 1.f / w.l[t];
-  store_rows<R>(w.ot.data(), inv, nr, dv, out + t0 * ldo + h * dv, ldo);
+  store_rows<R>(w.ot.data(), inv, nr, dv, out + t0 * ldo + h * dv, ldo, lay.stream_out);
   for (int64_t t = 0; t < nr; ++t) {
     const int64_t row = (t0 + t) * lay.g + h % lay.g;
     m_out[row] = inv[t] == 0.f ? 0.f : w.m[t];
