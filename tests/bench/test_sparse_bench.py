@@ -19,6 +19,9 @@ def test_quick_run_prints_every_target_as_a_measured_ratio(monkeypatch, capsys):
     speedup, memory, scaling, longformer, bigbird = rows
     assert speedup.higher_is_better and speedup.threshold == 6.0
     assert not memory.higher_is_better and memory.threshold == 1 / 8
+    # the reference line against attention that materialises T x T: the window keeps a fraction of its memory
+    ref = next(x for x in out.splitlines() if x.startswith("for reference"))
+    assert "not a target" in ref and 0 < float(ref.split(" = ")[1].split()[0]) < 1
     # the forward rows are the median of the per-call ratios printed as they were measured
     for row, name in ((longformer, "Longformer"), (bigbird, "BigBird")):
         line = next(x for x in out.splitlines() if x.startswith(name))

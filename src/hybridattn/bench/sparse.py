@@ -10,6 +10,10 @@ Targets (issue 4), each printed as a ratio measured in this run with PASS / MISS
   blocks of 64) at T=16K, forward: time within 1.5x of ``kept pairs * 4 * D`` FLOPs at the same run's fp32
   matmul throughput (the median over calls of each call's time against the matmul rate measured right after it).
 
+Not a target, printed for reference first: the window's peak memory against causal attention that materialises
+T x T (SDPA's math backend) at ``--materialised-length`` (4,096: its backward needs ~1.5 GiB there, T^2 growth). The
+memory target's baseline, SDPA's default causal kernel, is flash-style on a CPU (O(T) memory).
+
 Planning (block layout and tile masks) is done once per spec and length, as a layer does, and is timed apart.
 ``--quick`` runs the same code at small sizes (a smoke test; its ratios are not the targets).
 """
@@ -22,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hybridattn.bench.measure import (
     TargetRow, default_device, format_bytes, matmul_flops_per_second, median_time, peak_memory, print_table,
@@ -57,6 +62,36 @@ def _dense_causal_step(q, k, v):
     return step
 
 
+def _materialised_causal_step(q, k, v):
+    """Dense causal attention that materialises the T x T scores (SDPA's math backend), forward + backward."""
+    def step():
+        with sdpa_kernel(SDPBackend.MATH):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True)
+        o.sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    return step
+
+
+def materialised_memory(t, heads, dim, window, block, block_k, device) -> str:
+    """Peak memory of the window against dense attention that materialises T x T, at a length where that fits.
+
+    Not a target: the issue's memory row compares with SDPA's default causal kernel, which on a CPU is flash-style
+    (O(T) memory), so this line shows the comparison that row presumes. Run first in the process, so that the
+    compiled forward's kept workspace is exactly what this length needs.
+    """
+    q, k, v = _inputs(t, heads, dim, device, grad=True)
+    spec = masks.sliding_window(window) & masks.causal()
+    sparse = _sparse_step(spec, q, k, v, block, block_k, backward=True)
+    m_sparse = peak_memory(sparse, device=device)
+    m_sparse += compiled_workspace_bytes()
+    m_dense = peak_memory(_materialised_causal_step(q, k, v), device=device)
+    return (f"for reference, window {window} causal T={t} fwd+bwd peak memory vs causal attention that materialises "
+            f"T x T (SDPA math backend): {format_bytes(m_sparse)} / {format_bytes(m_dense)} = "
+            f"{m_sparse / max(m_dense, 1):.3f} (not a target)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--length", type=int, default=16384)
@@ -70,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-repeats", type=int, default=2, help="repeats of the (slow) dense baseline")
     p.add_argument("--fwd-repeats", type=int, default=9,
                    help="Longformer / BigBird forward calls, each paired with a matmul throughput measurement")
+    p.add_argument("--materialised-length", type=int, default=4096,
+                   help="length of the reference comparison with attention that materialises T x T (0: skip)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -80,10 +117,15 @@ def main(argv=None) -> int:
     if args.quick:
         args.length, args.window, args.scaling, args.repeats = 1024, 128, "512,1024,2048", 1
         args.dense_repeats, args.fwd_repeats = 1, 3
+        args.materialised_length = min(args.materialised_length, 512)
     dev = default_device(args.device)
     t, h, d, w, blk, blk_k = args.length, args.heads, args.dim, args.window, args.block, args.block_k
     torch.manual_seed(0)
     rows: list[TargetRow] = []
+    reference_line = None
+    if args.materialised_length:
+        reference_line = materialised_memory(args.materialised_length, h, d, w, blk, blk_k, dev)
+        print(reference_line, flush=True)
 
     # 1. sliding window vs dense causal SDPA, forward + backward
     window = masks.sliding_window(w) & masks.causal()
@@ -159,6 +201,8 @@ def main(argv=None) -> int:
                               statistics.median(ratios), 1.5, higher_is_better=False))
         del q, k, v
     ok = print_targets(f"sparse attention targets (T={t}, H={h}, D={d}, fp32, {dev})", rows)
+    if reference_line:
+        print(reference_line)
     return 0 if ok else 1
 
 
