@@ -29,6 +29,7 @@ def test_native_kernel_builds(kernel):
     if kernel == "torch" or shutil.which("c++") is None or _native.os.environ.get("HYBRIDATTN_NATIVE") == "0":
         pytest.skip("no C++ compiler on PATH, or HYBRIDATTN_NATIVE=0: the ops use the PyTorch forms")
     assert _native.native_ops("block_sparse") is not None
+    assert _native.native_ops("block_sparse_backward") is not None
 
 
 def _reference(q, k, v, spec, scale=None):
@@ -79,20 +80,27 @@ def test_matches_dense_reference_gqa_odd_lengths(name):
 def test_any_thread_count_computes_every_block_once(threads):
     """Threads that finish their share take blocks from the others' (ops/csrc/work_sharing.h): with more threads
     than blocks, or shares that do not divide evenly, each block is still computed once, bit for bit as on one
-    thread."""
+    thread; so are the gradients (the backward's tasks are whole key heads)."""
     spec = masks.longformer(5, [0, 30]) & masks.causal()
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 45, 4, 12, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, 45, 4, 12, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn(2, 45, 4, 12, generator=gen)
+
+    def run():
+        out = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        want = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16)
+        want = run()
         torch.set_num_threads(threads)
-        got = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16)
+        got = run()
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(got, want)
-    torch.testing.assert_close(got.double(), _reference(q, k, v, spec), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[0].double(), _reference(q, k, v, spec), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 4096, 8, 64, 64), (1, 8192, 16, 64, 40)])
@@ -113,6 +121,32 @@ def test_outputs_of_16_mib_and_more_match_the_pytorch_loop(kernel, shape):
         want = block_sparse_attention(q, k, v, spec, block_q=64, block_k=64)
     assert got.numel() * got.element_size() >= 16 << 20
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["longformer-gqa", "bigbird-causal"])
+def test_compiled_backward_matches_the_pytorch_loop_at_production_tiles(kernel, name):
+    """The compiled backward (ops/csrc/block_sparse_backward.cpp) against the PyTorch loop's gradients on 64-row
+    blocks, global rows wider than a tile pass, GQA and two batch rows; the loop is held to the float64 reference by
+    the other tests."""
+    if kernel == "torch":
+        pytest.skip("compares the compiled backward with the PyTorch loop")
+    spec = {"longformer-gqa": masks.longformer(40, [0, 3, 200]) & masks.causal(),
+            "bigbird-causal": masks.bigbird(1, 1, 2, block=64, seed=3, causal=True)}[name]
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 389, 6, 40, generator=gen).requires_grad_()
+    k = torch.randn(2, 389, 2, 40, generator=gen).requires_grad_()
+    v = torch.randn(2, 389, 2, 24, generator=gen).requires_grad_()
+    grad = torch.randn(2, 389, 6, 24, generator=gen)
+
+    def grads():
+        out = block_sparse_attention(q, k, v, spec, block_q=64, block_k=64)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    got = grads()
+    with _native.disabled():
+        want = grads()
+    for name_, a, w in zip("qkv", got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name_}: {m}")
 
 
 def test_large_logits_use_the_shifted_exp_path_per_block():

@@ -16,7 +16,9 @@ large negative numbers produces subnormals, which cost ~20x per element on x86. 
 the output and the gradients plus one block's tiles.
 
 Cost: the kept pairs rounded up to whole tiles (``BlockPlan.computed_pairs``). Every step is a torch op that runs
-on any device.
+on any device. On a CPU, float32 / float64 run compiled instead (``ops/csrc``, same arithmetic): the forward in
+``block_sparse.cpp``, the backward in ``block_sparse_backward.cpp`` (one task per batch row and key head, so that
+no two threads add to the same dk / dv rows); the loop below stays the reference they are tested against.
 
 Shape legend: B batch, Tq / Tk query / key length, Hq / Hkv query / key-value heads, D head dim, Dv value head
 dim, nQ / nK query / key blocks, G query blocks in a group (or query heads per key head, by context), M key
@@ -223,6 +225,9 @@ class _BlockSparseSoftmax(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, shift = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
+        native = _native_backward(q, k, v, grad_out, shift, plan, scale, ctx.shifted)
+        if native is not None:
+            return (*native, None, None)
         b, _, hq, d = q.shape
         hkv, dv = k.shape[2], v.shape[3]
         g = hq // hkv
@@ -287,6 +292,22 @@ def _native_forward(q, k, v, plan: BlockPlan, scale: float):
     ops.block_sparse_fwd(q, k, v, layout.items, layout.pieces, layout.masks(q.dtype), shifted, scale, out, shift,
                          norm)
     return out, shift, norm, [bool(x) for x in shifted.tolist()]
+
+
+def _native_backward(q, k, v, grad_out, shift, plan: BlockPlan, scale: float, shifted: list[bool]):
+    """``(dq, dk, dv)`` by the compiled CPU backward (``csrc/block_sparse_backward.cpp``, the same arithmetic as
+    the loop in ``_BlockSparseSoftmax.backward``), or None where it cannot run (not built, not CPU, not
+    float32/float64)."""
+    ops = _native.native_ops("block_sparse_backward") if _native.usable(q, k, v, grad_out, shift) else None
+    if ops is None:
+        return None
+    layout = native_layout(plan)
+    q, k, v, grad_out, shift = (x.contiguous() for x in (q, k, v, grad_out, shift))
+    dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)  # rows no block covers: dq = 0
+    flags = torch.tensor(shifted, dtype=torch.uint8)
+    ops.block_sparse_bwd(q, k, v, grad_out, layout.items, layout.pieces, layout.masks(q.dtype), flags, shift, scale,
+                         dq, dk, dv)
+    return dq, dk, dv
 
 
 def compiled_workspace_bytes() -> int:

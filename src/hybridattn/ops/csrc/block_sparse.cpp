@@ -369,11 +369,7 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const Piece* pc = reinterpret_cast<const Piece*>(pieces.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "block_sparse_fwd", [&] {
     using T = scalar_t;
-    std::vector<at::Tensor> mk(masks.begin(), masks.end());
-    for (auto& x : mk) {
-      TORCH_CHECK(x.numel() == 0 || (x.dim() == 5 && x.scalar_type() == q.scalar_type() && x.is_contiguous()),
-                  "block_sparse_fwd: masks must be empty or contiguous [Bm, Gm, Hm, X, bq] of q's dtype");
-    }
+    const std::vector<at::Tensor> mk = checked_masks(masks, q.scalar_type(), "block_sparse_fwd");
     const T* qp = q.data_ptr<T>();
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
@@ -401,16 +397,9 @@ void block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       Work<T>& w = st.w;
       const int64_t i = task % nitems, kvh = (task / nitems) % lay.hkv, bi = task / (nitems * lay.hkv);
       const int64_t* itm = it + i * 6;
-      const T* mask = nullptr;
-      int64_t stride_h = 0, bq = 0, cols = 0;
-      const at::Tensor& mt = mk[itm[4]];
-      if (mt.numel()) {
-        const int64_t bm = mt.size(0), gm = mt.size(1), hm = mt.size(2);
-        cols = mt.size(3);
-        bq = mt.size(4);
-        stride_h = hm > 1 ? bq * cols : 0;
-        mask = mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
-      }
+      ItemMask im;
+      const T* mask = im.at<T>(mk, itm, bi);
+      const int64_t stride_h = im.stride_h, bq = im.bq, cols = im.cols;
       const int64_t qoff = bi * lay.tq * lay.hq * lay.d, ooff = bi * lay.tq * lay.hq * lay.dv;
       const int64_t bh = bi * lay.hkv + kvh, soff = bh * lay.tq * lay.g;
       const T* kh = heads.k(bh);

@@ -3,6 +3,8 @@
 
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -37,6 +39,34 @@ inline void split_pieces(const int64_t* item, const Piece* pieces_in, std::vecto
     }
   }
 }
+
+// One call's masks, checked: masks[group] is empty (the group has no masked piece) or [Bm, Gm, Hm, X, bq],
+// contiguous, in the compute dtype.
+inline std::vector<at::Tensor> checked_masks(at::TensorList masks, at::ScalarType dtype, const char* op) {
+  std::vector<at::Tensor> mk(masks.begin(), masks.end());
+  for (const auto& x : mk) {
+    TORCH_CHECK(x.numel() == 0 || (x.dim() == 5 && x.scalar_type() == dtype && x.is_contiguous()), op,
+                ": masks must be empty or contiguous [Bm, Gm, Hm, X, bq] of q's dtype");
+  }
+  return mk;
+}
+
+// The keep flags of item itm (plan row: q_start, rows, piece_begin, piece_end, group, mask_row) in batch row bi:
+// row 0, column 0 of its first head's plane, or nullptr where its group has no mask. Column c of row t is at
+// + t + c * bq; query head h's plane at + h * stride_h (stride_h 0: one plane for all heads).
+struct ItemMask {
+  int64_t stride_h = 0, bq = 0, cols = 0;
+  template <typename T>
+  const T* at(const std::vector<at::Tensor>& mk, const int64_t* itm, int64_t bi) {
+    const at::Tensor& mt = mk[itm[4]];
+    if (!mt.numel()) return nullptr;
+    const int64_t bm = mt.size(0), gm = mt.size(1), hm = mt.size(2);
+    cols = mt.size(3);
+    bq = mt.size(4);
+    stride_h = hm > 1 ? bq * cols : 0;
+    return mt.data_ptr<T>() + ((bm > 1 ? bi : 0) * gm + (gm > 1 ? itm[5] : 0)) * hm * bq * cols;
+  }
+};
 
 struct Layout {  // sizes and strides of one call
   int64_t tq, tk, hq, hkv, g, d, dv;

@@ -1,10 +1,10 @@
 // Parallel loops over tasks whose neighbours share data, balanced at run time.
 //
 // Why: at::parallel_for hands each thread one fixed share. On a shared machine a thread that loses its CPU for a
-// while (steal time reached ~45% at times on the VM we measured) keeps the whole call waiting while the others idle. Here
-// each thread still starts on its own contiguous share, in order, so that consecutive tasks reuse what the one
-// before left in its caches, and a thread that has finished takes tasks one at a time from the back of the share
-// with the most left.
+// while (steal time reached ~45% at times on the VM we measured) keeps the whole call waiting while the others
+// idle. Here each thread still starts on its own contiguous share, in order, so that consecutive tasks reuse what
+// the one before left in its caches, and a thread that has finished takes tasks one at a time from the back of the
+// share with the most left.
 
 #pragma once
 
