@@ -149,6 +149,22 @@ def test_compiled_backward_matches_the_pytorch_loop_at_production_tiles(kernel, 
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name_}: {m}")
 
 
+def test_backward_reads_expanded_and_strided_output_gradients():
+    """``out.sum()`` hands the backward an expanded gradient (strides 0) and a transposed gradient is strided: the
+    compiled backward reads both as they are (no contiguous copy) and gets what a contiguous gradient gives."""
+    spec = masks.sliding_window(6) & masks.causal()
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 37, 4, 12, generator=gen).requires_grad_() for _ in range(3))
+    out = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16)
+    dense = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True)
+    expanded = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    grad = torch.randn(2, 4, 37, 12, generator=gen)
+    strided = torch.autograd.grad(out, (q, k, v), grad.transpose(1, 2), retain_graph=True)
+    contiguous = torch.autograd.grad(out, (q, k, v), grad.transpose(1, 2).contiguous())
+    for a, b, c, d in zip(dense, expanded, strided, contiguous):
+        assert torch.equal(a, b) and torch.equal(c, d)
+
+
 def test_large_logits_use_the_shifted_exp_path_per_block():
     # logit bounds beyond EXP_SAFE in the second half of the queries: those blocks subtract the row maximum
     # (over kept keys only) before exp(), the others skip it; both must match the reference. (A gain of 10

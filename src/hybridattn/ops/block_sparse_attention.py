@@ -302,7 +302,7 @@ def _native_backward(q, k, v, grad_out, shift, plan: BlockPlan, scale: float, sh
     if ops is None:
         return None
     layout = native_layout(plan)
-    q, k, v, grad_out, shift = (x.contiguous() for x in (q, k, v, grad_out, shift))
+    q, k, v, shift = (x.contiguous() for x in (q, k, v, shift))  # grad_out is read with its strides
     dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)  # rows no block covers: dq = 0
     flags = torch.tensor(shifted, dtype=torch.uint8)
     ops.block_sparse_bwd(q, k, v, grad_out, layout.items, layout.pieces, layout.masks(q.dtype), flags, shift, scale,

@@ -80,12 +80,19 @@ inline void exp_shifted(T* s, int64_t n, T m, bool shifted) {
     s[x] = shifted ? std::exp(std::min(std::max(s[x] - m, T(-kExpSafe)), T(kExpSafe))) : std::exp(s[x]);
 }
 
+// Strides of the output gradient [B, Tq, Hq, Dv], read as given: autograd hands `out.sum()`'s gradient over as
+// an expanded tensor (all strides 0), and a contiguous copy would cost a full output's worth of memory.
+struct GradStrides {
+  int64_t b, t, h, x;
+};
+
 template <typename T>
-void backward_block(const T* q, const T* k, const T* v, const T* dout, const int64_t* item, const Piece* pieces_in,
+void backward_block(const T* q, const T* k, const T* v, const T* dout, const GradStrides& gs, const int64_t* item,
+                    const Piece* pieces_in,
                     const T* mask, int64_t mask_stride_h, int64_t bq, bool shifted, const T* m_rows, T scale,
                     const Layout& lay, int64_t kvh, int64_t width, T* dq, T* dk, T* dv, BackwardWork<T>& w) {
   const int64_t start = item[0], rows = item[1], g = lay.g, n = rows * g, d = lay.d, dvn = lay.dv;
-  const int64_t ldq = lay.hq * d, ldo = lay.hq * dvn, ldk = lay.hkv * d, ldv = lay.hkv * dvn;
+  const int64_t ldq = lay.hq * d, ldk = lay.hkv * d, ldv = lay.hkv * dvn;
   const T* kh = k + kvh * d;
   const T* vh = v + kvh * dvn;
   // rows in (t, g) order, contiguous: the G query heads of a key head are extra rows of one GEMM
@@ -93,7 +100,14 @@ void backward_block(const T* q, const T* k, const T* v, const T* dout, const int
   T* ob = w.dout.data();
   for (int64_t t = 0; t < rows; ++t) {
     std::copy_n(q + (start + t) * ldq + kvh * g * d, g * d, qb + t * g * d);
-    std::copy_n(dout + (start + t) * ldo + kvh * g * dvn, g * dvn, ob + t * g * dvn);
+    for (int64_t j = 0; j < g; ++j) {
+      const T* src = dout + (start + t) * gs.t + (kvh * g + j) * gs.h;
+      T* dst = ob + (t * g + j) * dvn;
+      if (gs.x == 1)
+        std::copy_n(src, dvn, dst);
+      else
+        for (int64_t x = 0; x < dvn; ++x) dst[x] = src[x * gs.x];
+    }
   }
   split_pieces(item, pieces_in, w.pieces);
   T* s = w.s.data();
@@ -160,10 +174,14 @@ void block_sparse_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& items, const at::Tensor& pieces, const at::TensorList masks,
                       const at::Tensor& shifted, const at::Tensor& shift, double scale, at::Tensor& dq, at::Tensor& dk,
                       at::Tensor& dv) {
-  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&q, &k, &v, &dout, &shift, &dq, &dk, &dv}) {
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&q, &k, &v, &shift, &dq, &dk, &dv}) {
     TORCH_CHECK(x->is_contiguous() && x->scalar_type() == q.scalar_type(),
-                "block_sparse_bwd: q, k, v, dout, shift, dq, dk, dv must be contiguous and of one dtype");
+                "block_sparse_bwd: q, k, v, shift, dq, dk, dv must be contiguous and of one dtype");
   }
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && dout.dim() == 4 && dout.size(0) == q.size(0) &&
+                  dout.size(1) == q.size(1) && dout.size(2) == q.size(2) && dout.size(3) == v.size(3),
+              "block_sparse_bwd: dout must be [B, Tq, Hq, Dv] of q's dtype");
+  const GradStrides gs{dout.stride(0), dout.stride(1), dout.stride(2), dout.stride(3)};
   TORCH_CHECK(items.scalar_type() == at::kLong && pieces.scalar_type() == at::kLong &&
                   shifted.scalar_type() == at::kByte && items.is_contiguous() && pieces.is_contiguous() &&
                   shifted.is_contiguous() && shifted.numel() == items.size(0),
@@ -187,7 +205,7 @@ void block_sparse_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "block_sparse_bwd", [&] {
     using T = scalar_t;
     const std::vector<at::Tensor> mk = checked_masks(masks, q.scalar_type(), "block_sparse_bwd");
-    const int64_t qn = lay.tq * lay.hq * lay.d, on = lay.tq * lay.hq * lay.dv;
+    const int64_t qn = lay.tq * lay.hq * lay.d;
     const int64_t kn = lay.tk * lay.hkv * lay.d, vn = lay.tk * lay.hkv * lay.dv;
     auto make_work = [&] { return BackwardWork<T>(max_rows * lay.g, max_width, lay.d, lay.dv); };
     // one task per (batch row, key head): its blocks' dk / dv rows are its own
@@ -201,7 +219,7 @@ void block_sparse_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         int64_t width = 0;
         for (int64_t p = itm[2]; p < itm[3]; ++p) width += pc[p].width;
         backward_block<T>(q.data_ptr<T>() + bi * qn, k.data_ptr<T>() + bi * kn, v.data_ptr<T>() + bi * vn,
-                          dout.data_ptr<T>() + bi * on, itm, pc + itm[2], mask, im.stride_h, im.bq, sh[i] != 0,
+                          dout.data_ptr<T>() + bi * gs.b, gs, itm, pc + itm[2], mask, im.stride_h, im.bq, sh[i] != 0,
                           m_rows, static_cast<T>(scale), lay, kvh, std::max<int64_t>(width, 1),
                           dq.data_ptr<T>() + bi * qn, dk.data_ptr<T>() + bi * kn, dv.data_ptr<T>() + bi * vn, w);
       }
