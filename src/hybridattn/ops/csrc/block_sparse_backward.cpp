@@ -110,6 +110,10 @@ void backward_block(const T* q, const T* k, const T* v, const T* dout, const Gra
     }
   }
   split_pieces(item, pieces_in, w.pieces);
+  if (w.pieces.empty()) {  // a block that keeps no key: its rows attended nothing, dq = 0, nothing else to add
+    for (int64_t t = 0; t < rows; ++t) std::fill_n(dq + (start + t) * ldq + kvh * g * d, g * d, T(0));
+    return;
+  }
   T* s = w.s.data();
   T* dp = w.dp.data();
   // S = scale q k^T and dP = do v^T over the block's keys (do' = do / l is applied per row below)
@@ -160,14 +164,7 @@ void backward_block(const T* q, const T* k, const T* v, const T* dout, const Gra
     mm<T>(false, false, n, d, wd, scale, dp + col, width, kh + key * ldk, ldk, col == 0 ? T(0) : T(1), w.dq.data(),
           d);
   });
-  const bool any_keys = !w.pieces.empty();
-  for (int64_t t = 0; t < rows; ++t) {
-    T* dst = dq + (start + t) * ldq + kvh * g * d;
-    if (any_keys)
-      std::copy_n(w.dq.data() + t * g * d, g * d, dst);
-    else
-      std::fill_n(dst, g * d, T(0));
-  }
+  for (int64_t t = 0; t < rows; ++t) std::copy_n(w.dq.data() + t * g * d, g * d, dq + (start + t) * ldq + kvh * g * d);
 }
 
 void block_sparse_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
