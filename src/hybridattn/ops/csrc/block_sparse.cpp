@@ -223,18 +223,6 @@ T max_query_norm(const T* q, int64_t start, int64_t rows, int64_t kvh, const Lay
   return std::sqrt(best);
 }
 
-// Runs ``fn(first, count)`` for each maximal run of pieces [first, first + count) whose keys are contiguous: one
-// GEMM per run rather than per piece.
-template <typename F>
-inline void for_key_runs(const std::vector<Piece>& p, size_t lo, size_t hi, F fn) {
-  while (lo < hi) {
-    size_t end = lo + 1;
-    while (end < hi && p[end].key == p[end - 1].key + p[end - 1].width) ++end;
-    fn(lo, end);
-    lo = end;
-  }
-}
-
 template <typename T>
 void forward_block(const T* q, const T* k, const T* v, const int64_t* item, const Piece* pieces_in,
                    const T* mask, int64_t mask_stride_h, int64_t bq, int64_t mask_cols, bool shifted, T scale,
@@ -270,12 +258,8 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
     int64_t cols = 0;
     while (hi < w.pieces.size() && cols + w.pieces[hi].width <= kChunk) cols += w.pieces[hi++].width;
     // S[:, c] = (scale q) k^T over this pass's keys
-    int64_t c0 = 0;
-    for_key_runs(w.pieces, lo, hi, [&](size_t a, size_t b) {
-      int64_t width = 0;
-      for (size_t p = a; p < b; ++p) width += w.pieces[p].width;
-      mm<T>(false, true, n, width, d, scale, qb, ldqb, k + w.pieces[a].key * ldk, ldk, T(0), s + c0, kChunk);
-      c0 += width;
+    for_key_runs(w.pieces, lo, hi, [&](int64_t key, int64_t width, int64_t col) {
+      mm<T>(false, true, n, width, d, scale, qb, ldqb, k + key * ldk, ldk, T(0), s + col, kChunk);
     });
     for (int64_t t = 0; t < rows; ++t)
       for (int64_t j = 0; j < g; ++j) {
@@ -315,14 +299,9 @@ void forward_block(const T* q, const T* k, const T* v, const int64_t* item, cons
         lrow[r] += sum;
       }
     // O (+)= E v over this pass's keys
-    c0 = 0;
-    for_key_runs(w.pieces, lo, hi, [&](size_t a, size_t b) {
-      int64_t width = 0;
-      for (size_t p = a; p < b; ++p) width += w.pieces[p].width;
-      mm<T>(false, false, n, dv, width, T(1), s + c0, kChunk, v + w.pieces[a].key * ldv, ldv,
-            first ? T(0) : T(1), o, dv);
+    for_key_runs(w.pieces, lo, hi, [&](int64_t key, int64_t width, int64_t col) {
+      mm<T>(false, false, n, dv, width, T(1), s + col, kChunk, v + key * ldv, ldv, first ? T(0) : T(1), o, dv);
       first = false;
-      c0 += width;
     });
     lo = hi;
   }

@@ -40,6 +40,21 @@ inline void split_pieces(const int64_t* item, const Piece* pieces_in, std::vecto
   }
 }
 
+// Calls fn(key, width, col) for each maximal run of pieces in p[lo, hi) whose keys are contiguous, so that each
+// run is one GEMM: its first key, its total width and its first column in the tile (counted from p[lo]).
+template <typename F>
+inline void for_key_runs(const std::vector<Piece>& p, size_t lo, size_t hi, F fn) {
+  int64_t col = 0;
+  while (lo < hi) {
+    size_t end = lo + 1;
+    int64_t width = p[lo].width;
+    while (end < hi && p[end].key == p[end - 1].key + p[end - 1].width) width += p[end++].width;
+    fn(p[lo].key, width, col);
+    col += width;
+    lo = end;
+  }
+}
+
 // One call's masks, checked: masks[group] is empty (the group has no masked piece) or [Bm, Gm, Hm, X, bq],
 // contiguous, in the compute dtype.
 inline std::vector<at::Tensor> checked_masks(at::TensorList masks, at::ScalarType dtype, const char* op) {

@@ -44,21 +44,6 @@ struct BackwardWork {  // one thread's buffers, reused for every query block it 
       : q(rows * d), dout(rows * dv), s(rows * width), dp(rows * width), dq(rows * d) {}
 };
 
-// Runs fn(first, end, column) for each maximal run of pieces [first, end) whose keys are contiguous (one GEMM
-// per run), column being the run's first column in the block's tile.
-template <typename F>
-inline void for_key_runs(const std::vector<Piece>& p, F fn) {
-  int64_t col = 0;
-  for (size_t lo = 0; lo < p.size();) {
-    size_t end = lo + 1;
-    int64_t width = p[lo].width;
-    while (end < p.size() && p[end].key == p[end - 1].key + p[end - 1].width) width += p[end++].width;
-    fn(p[lo].key, width, col);
-    col += width;
-    lo = end;
-  }
-}
-
 // s <- exp(s - m) clamped to [-EXP_SAFE, EXP_SAFE] where the block was shifted, exp(s) elsewhere (its logits are
 // bounded by EXP_SAFE): as _weights in ops/block_sparse_attention.py. AVX-512 float: 16 at a time (std::exp is a
 // scalar libm call that gcc does not vectorise; it made this backward slower than the PyTorch loop).
@@ -88,9 +73,9 @@ struct GradStrides {
 
 template <typename T>
 void backward_block(const T* q, const T* k, const T* v, const T* dout, const GradStrides& gs, const int64_t* item,
-                    const Piece* pieces_in,
-                    const T* mask, int64_t mask_stride_h, int64_t bq, bool shifted, const T* m_rows, T scale,
-                    const Layout& lay, int64_t kvh, int64_t width, T* dq, T* dk, T* dv, BackwardWork<T>& w) {
+                    const Piece* pieces_in, const T* mask, int64_t mask_stride_h, int64_t bq, bool shifted,
+                    const T* m_rows, T scale, const Layout& lay, int64_t kvh, int64_t width, T* dq, T* dk, T* dv,
+                    BackwardWork<T>& w) {
   const int64_t start = item[0], rows = item[1], g = lay.g, n = rows * g, d = lay.d, dvn = lay.dv;
   const int64_t ldq = lay.hq * d, ldk = lay.hkv * d, ldv = lay.hkv * dvn;
   const T* kh = k + kvh * d;
@@ -117,7 +102,7 @@ void backward_block(const T* q, const T* k, const T* v, const T* dout, const Gra
   T* s = w.s.data();
   T* dp = w.dp.data();
   // S = scale q k^T and dP = do v^T over the block's keys (do' = do / l is applied per row below)
-  for_key_runs(w.pieces, [&](int64_t key, int64_t wd, int64_t col) {
+  for_key_runs(w.pieces, 0, w.pieces.size(), [&](int64_t key, int64_t wd, int64_t col) {
     mm<T>(false, true, n, wd, d, scale, qb, d, kh + key * ldk, ldk, T(0), s + col, width);
     mm<T>(false, true, n, wd, dvn, T(1), ob, dvn, vh + key * ldv, ldv, T(0), dp + col, width);
   });
@@ -158,7 +143,7 @@ void backward_block(const T* q, const T* k, const T* v, const T* dout, const Gra
       }
     }
   // dv += (E / l)^T do, dk += scale ds^T q (the task owns these rows), dq = scale ds k
-  for_key_runs(w.pieces, [&](int64_t key, int64_t wd, int64_t col) {
+  for_key_runs(w.pieces, 0, w.pieces.size(), [&](int64_t key, int64_t wd, int64_t col) {
     mm<T>(true, false, wd, dvn, n, T(1), s + col, width, ob, dvn, T(1), dv + key * ldv + kvh * dvn, ldv);
     mm<T>(true, false, wd, d, n, scale, dp + col, width, qb, d, T(1), dk + key * ldk + kvh * d, ldk);
     mm<T>(false, false, n, d, wd, scale, dp + col, width, kh + key * ldk, ldk, col == 0 ? T(0) : T(1), w.dq.data(),
