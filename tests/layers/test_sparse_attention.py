@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from hybridattn.layers.registry import build_mixer
-from hybridattn.layers.sparse_attention import DSAAttention, LinformerAttention, LSHAttention, PatternAttention
+from hybridattn.layers.dsa_attention import DSAAttention
+from hybridattn.layers.sparse_attention import PatternAttention
+from hybridattn.layers.whole_sequence_attention import LinformerAttention, LSHAttention
 from hybridattn.models import ModelConfig
 from hybridattn.ops import masks
 from hybridattn.ops.softmax_attention import softmax_attention

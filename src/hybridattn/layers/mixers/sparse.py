@@ -1,4 +1,5 @@
-"""Registers the sparse and approximate softmax mixers of :mod:`hybridattn.layers.sparse_attention`.
+"""Registers the sparse and approximate softmax mixers (layers/sparse_attention.py, dsa_attention.py,
+whole_sequence_attention.py).
 
 Sizes come from the config's ``attention`` section; each mixer's own options from ``mixer_options[name]``:
 
@@ -66,7 +67,7 @@ def build_bigbird(config, layer_idx: int):
 
 @register_mixer("dsa", softmax=True)
 def build_dsa(config, layer_idx: int):
-    from hybridattn.layers.sparse_attention import DSAAttention
+    from hybridattn.layers.dsa_attention import DSAAttention
 
     att = config.attention
     opt = _options(config, "dsa", {"top_k": 64, "index_heads": 4, "index_dim": 32})
@@ -76,7 +77,7 @@ def build_dsa(config, layer_idx: int):
 
 @register_mixer("linformer", softmax=True)
 def build_linformer(config, layer_idx: int):
-    from hybridattn.layers.sparse_attention import LinformerAttention
+    from hybridattn.layers.whole_sequence_attention import LinformerAttention
 
     opt = _options(config, "linformer", {"max_len": 512, "proj_len": 64})
     return LinformerAttention(config.d_model, config.attention.num_heads, bias=config.attention.bias, **opt)
@@ -84,7 +85,7 @@ def build_linformer(config, layer_idx: int):
 
 @register_mixer("lsh", softmax=True)
 def build_lsh(config, layer_idx: int):
-    from hybridattn.layers.sparse_attention import LSHAttention
+    from hybridattn.layers.whole_sequence_attention import LSHAttention
 
     opt = _options(config, "lsh", {"n_buckets": 8, "n_hashes": 2, "seed": 0})
     return LSHAttention(config.d_model, config.attention.num_heads, bias=config.attention.bias, **opt)
