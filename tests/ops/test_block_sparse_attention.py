@@ -77,14 +77,18 @@ def test_matches_dense_reference_gqa_odd_lengths(name):
 
 
 @pytest.mark.parametrize("threads", [1, 3, 7])
-def test_any_thread_count_computes_every_block_once(threads):
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_any_thread_count_computes_every_block_once(threads, kv_heads):
     """Threads that finish their share take blocks from the others' (ops/csrc/work_sharing.h): with more threads
     than blocks, or shares that do not divide evenly, each block is still computed once, bit for bit as on one
-    thread; so are the gradients (the backward's tasks are whole key heads)."""
+    thread; so are the gradients. The backward's tasks are whole key heads (B * Hkv = 8), or, with MQA and B = 1,
+    segments of one key head's blocks, whose dk / dv rows are summed in a fixed order."""
     spec = masks.longformer(5, [0, 30]) & masks.causal()
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 45, 4, 12, generator=gen).requires_grad_() for _ in range(3))
-    grad = torch.randn(2, 45, 4, 12, generator=gen)
+    b = 2 if kv_heads == 4 else 1
+    q = torch.randn(b, 45, 4, 12, generator=gen).requires_grad_()
+    k, v = (torch.randn(b, 45, kv_heads, 12, generator=gen).requires_grad_() for _ in range(2))
+    grad = torch.randn(b, 45, 4, 12, generator=gen)
 
     def run():
         out = block_sparse_attention(q, k, v, spec, block_q=8, block_k=16)
@@ -98,9 +102,13 @@ def test_any_thread_count_computes_every_block_once(threads):
         got = run()
     finally:
         torch.set_num_threads(old)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    torch.testing.assert_close(got[0].double(), _reference(q, k, v, spec), rtol=1e-5, atol=1e-5)
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = _reference(q64, k64, v64, spec)
+    torch.testing.assert_close(got[0].double(), ref, rtol=1e-5, atol=1e-5)
+    for a, w in zip(got[1:], torch.autograd.grad(ref, (q64, k64, v64), grad.double())):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 4096, 8, 64, 64), (1, 8192, 16, 64, 40)])
@@ -123,20 +131,22 @@ def test_outputs_of_16_mib_and_more_match_the_pytorch_loop(kernel, shape):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["longformer-gqa", "bigbird-causal"])
+@pytest.mark.parametrize("name", ["longformer-gqa", "bigbird-causal", "longformer-mqa"])
 def test_compiled_backward_matches_the_pytorch_loop_at_production_tiles(kernel, name):
     """The compiled backward (ops/csrc/block_sparse_backward.cpp) against the PyTorch loop's gradients on 64-row
-    blocks, global rows wider than a tile pass, GQA and two batch rows; the loop is held to the float64 reference by
-    the other tests."""
+    blocks, global rows wider than a tile pass, GQA and two batch rows, or MQA with one (its key head split into
+    segments whose dk / dv are summed after); the loop is held to the float64 reference by the other tests."""
     if kernel == "torch":
         pytest.skip("compares the compiled backward with the PyTorch loop")
     spec = {"longformer-gqa": masks.longformer(40, [0, 3, 200]) & masks.causal(),
-            "bigbird-causal": masks.bigbird(1, 1, 2, block=64, seed=3, causal=True)}[name]
+            "bigbird-causal": masks.bigbird(1, 1, 2, block=64, seed=3, causal=True),
+            "longformer-mqa": masks.longformer(40, [0, 3, 200]) & masks.causal()}[name]
+    b, hkv = (1, 1) if name.endswith("mqa") else (2, 2)
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 389, 6, 40, generator=gen).requires_grad_()
-    k = torch.randn(2, 389, 2, 40, generator=gen).requires_grad_()
-    v = torch.randn(2, 389, 2, 24, generator=gen).requires_grad_()
-    grad = torch.randn(2, 389, 6, 24, generator=gen)
+    q = torch.randn(b, 389, 6, 40, generator=gen).requires_grad_()
+    k = torch.randn(b, 389, hkv, 40, generator=gen).requires_grad_()
+    v = torch.randn(b, 389, hkv, 24, generator=gen).requires_grad_()
+    grad = torch.randn(b, 389, 6, 24, generator=gen)
 
     def grads():
         out = block_sparse_attention(q, k, v, spec, block_q=64, block_k=64)

@@ -9,11 +9,15 @@
 // element-wise ops and Python took ~40% of a backward 5x as long as the forward. Here each block is five BLAS
 // GEMMs and three vectorised passes over its tile (fwd + bwd 0.55-0.68 of the loop's time).
 //
-// A task owns every query block of one (batch row, key head), so that the dk / dv rows it accumulates (GEMMs
-// with beta = 1 straight into the outputs) are written by no other thread; with fewer (batch row, key head)
-// pairs than threads (B = 1 with MQA) some threads idle. A block's whole tile is kept (S and dP, rows x its keys:
-// 4 MiB each for 64 global rows at T = 16K), since l and delta need the full row before any gradient. Plan, masks
-// and the saved row shift are the forward's (block_sparse.cpp); shifted [N] says which blocks took the shift.
+// A task owns a contiguous segment of the query blocks of one (batch row, key head). The first segment
+// accumulates its dk / dv rows (GEMMs with beta = 1) straight into the outputs; the others into zeroed buffers of
+// their own key range, added in segment order once every task is done. A (batch row, key head) is one segment when
+// there are at least kMinTasks of them; with fewer (B = 1 with MQA or few key heads) it is split into up to
+// kMinTasks / pairs segments of about equal work, so that every thread gets some. The split depends on the sizes
+// only, never on the thread count: any number of threads gives the same bits. A block's whole tile is kept (S and
+// dP, rows x its keys: 4 MiB each for 64 global rows at T = 16K), since l and delta need the full row before any
+// gradient. Plan, masks and the saved row shift are the forward's (block_sparse.cpp); shifted [N] says which
+// blocks took the shift.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -65,6 +69,14 @@ inline void exp_shifted(T* s, int64_t n, T m, bool shifted) {
     s[x] = shifted ? std::exp(std::min(std::max(s[x] - m, T(-kExpSafe)), T(kExpSafe))) : std::exp(s[x]);
 }
 
+// Where a task adds its dk / dv rows: key row `key` of its key head at dk + (key - key0) * ldk (and so for dv).
+template <typename T>
+struct KeyGrads {
+  T* dk;
+  T* dv;
+  int64_t ldk, ldv, key0;
+};
+
 // Strides of the output gradient [B, Tq, Hq, Dv], read as given: autograd hands `out.sum()`'s gradient over as
 // an expanded tensor (all strides 0), and a contiguous copy would cost a full output's worth of memory.
 struct GradStrides {
@@ -74,8 +86,8 @@ struct GradStrides {
 template <typename T>
 void backward_block(const T* q, const T* k, const T* v, const T* dout, const GradStrides& gs, const int64_t* item,
                     const Piece* pieces_in, const T* mask, int64_t mask_stride_h, int64_t bq, bool shifted,
-                    const T* m_rows, T scale, const Layout& lay, int64_t kvh, int64_t width, T* dq, T* dk, T* dv,
-                    BackwardWork<T>& w) {
+                    const T* m_rows, T scale, const Layout& lay, int64_t kvh, int64_t width, T* dq,
+                    const KeyGrads<T>& kg, BackwardWork<T>& w) {
   const int64_t start = item[0], rows = item[1], g = lay.g, n = rows * g, d = lay.d, dvn = lay.dv;
   const int64_t ldq = lay.hq * d, ldk = lay.hkv * d, ldv = lay.hkv * dvn;
   const T* kh = k + kvh * d;
@@ -142,15 +154,56 @@ void backward_block(const T* q, const T* k, const T* v, const T* dout, const Gra
         sr[x] *= inv;                       // E / l, so that dv += (E / l)^T do = E^T do'
       }
     }
-  // dv += (E / l)^T do, dk += scale ds^T q (the task owns these rows), dq = scale ds k
+  // dv += (E / l)^T do, dk += scale ds^T q (rows no other task writes), dq = scale ds k
   for_key_runs(w.pieces, 0, w.pieces.size(), [&](int64_t key, int64_t wd, int64_t col) {
-    mm<T>(true, false, wd, dvn, n, T(1), s + col, width, ob, dvn, T(1), dv + key * ldv + kvh * dvn, ldv);
-    mm<T>(true, false, wd, d, n, scale, dp + col, width, qb, d, T(1), dk + key * ldk + kvh * d, ldk);
+    mm<T>(true, false, wd, dvn, n, T(1), s + col, width, ob, dvn, T(1), kg.dv + (key - kg.key0) * kg.ldv, kg.ldv);
+    mm<T>(true, false, wd, d, n, scale, dp + col, width, qb, d, T(1), kg.dk + (key - kg.key0) * kg.ldk, kg.ldk);
     mm<T>(false, false, n, d, wd, scale, dp + col, width, kh + key * ldk, ldk, col == 0 ? T(0) : T(1), w.dq.data(),
           d);
   });
   for (int64_t t = 0; t < rows; ++t) std::copy_n(w.dq.data() + t * g * d, g * d, dq + (start + t) * ldq + kvh * g * d);
 }
+
+// Fewer (batch row, key head) pairs than this and each is split into segments of query blocks (see the top).
+constexpr int64_t kMinTasks = 8;
+
+// The query blocks [begin[s], begin[s + 1]) of each segment, of about equal work (rows x keys), and the key rows
+// [key_lo[s], key_hi[s]) that segment s > 0 adds to, kept at offset[s] of a pair's per_pair partial elements
+// (dk rows, then dv rows).
+struct Segments {
+  int64_t count = 1, per_pair = 0;
+  std::vector<int64_t> begin, key_lo, key_hi, offset;
+  Segments(const int64_t* it, const Piece* pc, const std::vector<int64_t>& widths, int64_t nitems, int64_t pairs,
+           const Layout& lay) {
+    if (pairs < kMinTasks) count = std::max<int64_t>(1, std::min(nitems, (kMinTasks + pairs - 1) / pairs));
+    double total = 0;
+    for (int64_t i = 0; i < nitems; ++i) total += double(it[i * 6 + 1]) * double(widths[i]);
+    begin.assign(count + 1, nitems);
+    begin[0] = 0;
+    double done = 0;
+    int64_t s = 1;
+    for (int64_t i = 0; i < nitems && s < count; ++i) {
+      done += double(it[i * 6 + 1]) * double(widths[i]);
+      // at least one block per segment: the cut comes no later than leaves one block for each segment after it
+      if (done >= total * double(s) / double(count) || nitems - (i + 1) == count - s) begin[s++] = i + 1;
+    }
+    key_lo.assign(count, 0);
+    key_hi.assign(count, 0);
+    offset.assign(count, 0);
+    for (s = 1; s < count; ++s) {
+      int64_t lo = lay.tk, hi = 0;
+      for (int64_t i = begin[s]; i < begin[s + 1]; ++i)
+        for (int64_t p = it[i * 6 + 2]; p < it[i * 6 + 3]; ++p) {
+          lo = std::min(lo, pc[p].key);
+          hi = std::max(hi, pc[p].key + pc[p].width);
+        }
+      key_lo[s] = std::min(lo, hi);
+      key_hi[s] = hi;
+      offset[s] = per_pair;
+      per_pair += (key_hi[s] - key_lo[s]) * (lay.d + lay.dv);
+    }
+  }
+};
 
 void block_sparse_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                       const at::Tensor& items, const at::Tensor& pieces, const at::TensorList masks,
@@ -174,36 +227,63 @@ void block_sparse_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t* it = items.data_ptr<int64_t>();
   const Piece* pc = reinterpret_cast<const Piece*>(pieces.data_ptr<int64_t>());
   const uint8_t* sh = shifted.data_ptr<uint8_t>();
+  std::vector<int64_t> widths(nitems);
   int64_t max_rows = 1, max_width = 1;
   for (int64_t i = 0; i < nitems; ++i) {
     const int64_t* itm = it + i * 6;
-    int64_t width = 0;
-    for (int64_t p = itm[2]; p < itm[3]; ++p) width += pc[p].width;
+    for (int64_t p = itm[2]; p < itm[3]; ++p) widths[i] += pc[p].width;
     max_rows = std::max(max_rows, itm[1]);
-    max_width = std::max(max_width, width);
+    max_width = std::max(max_width, widths[i]);
   }
+  const Segments seg(it, pc, widths, nitems, b * lay.hkv, lay);
   dk.zero_();
   dv.zero_();
+  // segments after the first add into these (zeroed: a GEMM with beta = 1 reads them), [pairs, seg.per_pair]
+  at::Tensor partial = at::zeros({b * lay.hkv * seg.per_pair}, dk.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "block_sparse_bwd", [&] {
     using T = scalar_t;
     const std::vector<at::Tensor> mk = checked_masks(masks, q.scalar_type(), "block_sparse_bwd");
     const int64_t qn = lay.tq * lay.hq * lay.d;
     const int64_t kn = lay.tk * lay.hkv * lay.d, vn = lay.tk * lay.hkv * lay.dv;
+    T* dkp = dk.data_ptr<T>();
+    T* dvp = dv.data_ptr<T>();
+    T* part = partial.data_ptr<T>();
     auto make_work = [&] { return BackwardWork<T>(max_rows * lay.g, max_width, lay.d, lay.dv); };
-    // one task per (batch row, key head): its blocks' dk / dv rows are its own
-    parallel_tasks(b * lay.hkv, make_work, [&](BackwardWork<T>& w, int64_t task) {
-      const int64_t bi = task / lay.hkv, kvh = task % lay.hkv;
-      const T* m_rows = shift.data_ptr<T>() + task * lay.tq * lay.g;
-      for (int64_t i = 0; i < nitems; ++i) {
+    // one task per (batch row, key head, segment): the rows it adds dk / dv to are its own
+    parallel_tasks(b * lay.hkv * seg.count, make_work, [&](BackwardWork<T>& w, int64_t task) {
+      const int64_t pair = task / seg.count, s = task % seg.count;
+      const int64_t bi = pair / lay.hkv, kvh = pair % lay.hkv;
+      const T* m_rows = shift.data_ptr<T>() + pair * lay.tq * lay.g;
+      KeyGrads<T> kg{dkp + bi * kn + kvh * lay.d, dvp + bi * vn + kvh * lay.dv, lay.hkv * lay.d, lay.hkv * lay.dv, 0};
+      if (s > 0) {
+        T* own = part + pair * seg.per_pair + seg.offset[s];
+        const int64_t rows = seg.key_hi[s] - seg.key_lo[s];
+        kg = KeyGrads<T>{own, own + rows * lay.d, lay.d, lay.dv, seg.key_lo[s]};
+      }
+      for (int64_t i = seg.begin[s]; i < seg.begin[s + 1]; ++i) {
         const int64_t* itm = it + i * 6;
         ItemMask im;
         const T* mask = im.at<T>(mk, itm, bi);
-        int64_t width = 0;
-        for (int64_t p = itm[2]; p < itm[3]; ++p) width += pc[p].width;
         backward_block<T>(q.data_ptr<T>() + bi * qn, k.data_ptr<T>() + bi * kn, v.data_ptr<T>() + bi * vn,
                           dout.data_ptr<T>() + bi * gs.b, gs, itm, pc + itm[2], mask, im.stride_h, im.bq, sh[i] != 0,
-                          m_rows, static_cast<T>(scale), lay, kvh, std::max<int64_t>(width, 1),
-                          dq.data_ptr<T>() + bi * qn, dk.data_ptr<T>() + bi * kn, dv.data_ptr<T>() + bi * vn, w);
+                          m_rows, static_cast<T>(scale), lay, kvh, std::max<int64_t>(widths[i], 1),
+                          dq.data_ptr<T>() + bi * qn, kg, w);
+      }
+    });
+    if (seg.count == 1) return;
+    // each key row adds the segments' rows in segment order, whichever thread does it
+    at::parallel_for(0, b * lay.hkv * lay.tk, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t pair = r / lay.tk, key = r % lay.tk, bi = pair / lay.hkv, kvh = pair % lay.hkv;
+        T* dkr = dkp + bi * kn + key * lay.hkv * lay.d + kvh * lay.d;
+        T* dvr = dvp + bi * vn + key * lay.hkv * lay.dv + kvh * lay.dv;
+        for (int64_t s = 1; s < seg.count; ++s) {
+          if (key < seg.key_lo[s] || key >= seg.key_hi[s]) continue;
+          const T* own = part + pair * seg.per_pair + seg.offset[s];
+          const int64_t row = key - seg.key_lo[s], rows = seg.key_hi[s] - seg.key_lo[s];
+          for (int64_t x = 0; x < lay.d; ++x) dkr[x] += own[row * lay.d + x];
+          for (int64_t x = 0; x < lay.dv; ++x) dvr[x] += own[rows * lay.d + row * lay.dv + x];
+        }
       }
     });
   });
