@@ -37,9 +37,11 @@ def _reference(q, k, v, spec, scale=None):
 
 
 def _compare(spec, *, b=2, tq=45, tk=45, hq=4, hkv=2, d=12, dv=10, block_q=8, block_k=16, q_gain=None,
-             dtype=torch.float32):
+             dtype=torch.float32, fp32_bar=False):
     """Kernel vs the float64 reference, outputs and gradients; ``q_gain [Tq]`` scales the query rows (large
-    logits)."""
+    logits). ``fp32_bar``: the bar for each tensor is 1e-5, or twice the error of an independent float32
+    computation (the naive backend) where that is larger: for logits near the exp bound, where float32 rounding
+    itself reaches 1e-5 of the float64 result."""
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(b, tq, hq, d, generator=gen)
     q = (q if q_gain is None else q * q_gain[:, None, None]).to(dtype).requires_grad_()
@@ -51,9 +53,15 @@ def _compare(spec, *, b=2, tq=45, tk=45, hq=4, hkv=2, d=12, dv=10, block_q=8, bl
     grad = torch.randn(out.shape, generator=gen).to(dtype)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    for name, a, w in zip("qkv", got, want):
-        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+    bars = [1e-5] * 4
+    if fp32_bar:
+        naive = softmax_attention(q, k, v, mask=spec, backend="naive")
+        fp32 = (naive, *torch.autograd.grad(naive, (q, k, v), grad))
+        bars = [1e-5 * max(1.0, 2 * float(((x.double() - w).abs() / (1e-5 + 1e-5 * w.abs())).max()))
+                for x, w in zip(fp32, (ref, *want))]
+    torch.testing.assert_close(out.double(), ref, rtol=bars[0], atol=bars[0])
+    for name, a, w, bar in zip("qkv", got, want, bars[1:]):
+        torch.testing.assert_close(a.double(), w, rtol=bar, atol=bar, msg=lambda m: f"d{name}: {m}")
 
 
 SPECS = {
@@ -202,7 +210,9 @@ def test_gathered_and_ranged_key_segments(name):
     assert kinds == {slice, torch.Tensor}
     assert max(len(blk.segments) for blk in plan.blocks) >= 2
     _compare(spec, tq=203, tk=203, block_q=8, block_k=8)
-    _compare(spec, tq=203, tk=203, block_q=8, block_k=8, q_gain=torch.full((203,), 6.0))  # every block shifted
+    # every block shifted: logits near the exp bound, where the naive float32 backend itself measured up to 1.3x of
+    # 1e-5 on dk (BigBird seeds 4-7); the bar follows it
+    _compare(spec, tq=203, tk=203, block_q=8, block_k=8, q_gain=torch.full((203,), 6.0), fp32_bar=True)
 
 
 def test_production_head_dims_and_tiles():

@@ -110,7 +110,7 @@ def test_derived_forms_agree_with_dense(name, tq, tk, bq, bk, seed):
     r0, r1, c0, c1 = tq // 3, tq, tk // 2, tk
     assert torch.equal(spec.dense_rows(tq, tk, r0, r1), dense[:, :, r0:r1])
     assert torch.equal(spec.dense_block(tq, tk, r0, r1, c0, c1), dense[:, :, r0:r1, c0:c1])
-    b, h, qi, ki = spec._index_grid(torch.arange(tq), torch.arange(tk), torch.device("cpu"))
+    b, h, qi, ki = spec._index_grid(torch.arange(tq)[:, None], torch.arange(tk)[None, :], torch.device("cpu"))
     assert torch.equal(spec.mask_mod(tq, tk)(b, h, qi, ki).expand_as(dense), dense)
 
 
@@ -136,3 +136,120 @@ def test_causal_kept_pairs_closed_form():
 def test_validation(make, err, match):
     with pytest.raises(err, match=match):
         make()
+
+
+def test_document_validates_before_reading_the_last_offset():
+    for bad, err in [([], ValueError), (5, ValueError), ([[0, 2]], ValueError), ([0.0, 2.0], TypeError),
+                     ("ab", TypeError)]:
+        with pytest.raises(err, match="cu_seqlens: expected"):
+            masks.document(bad)
+
+
+def _random_leaf(rng, tq, tk, batch):
+    """One random spec of every kind, with batch- and head-dependent ones among them."""
+    kind = rng.choice(["window", "dilated", "strided", "fixed", "global", "block_sparse", "bigbird", "causal",
+                       "padding", "document", "prefix_lm", "tensor"])
+    if kind == "window":
+        return masks.sliding_window(rng.randint(0, 40), rng.randint(0, 20))
+    if kind == "dilated":
+        return masks.dilated(rng.randint(0, 50), rng.randint(1, 4), right=rng.randint(0, 9))
+    if kind == "strided":
+        return masks.strided(rng.randint(1, 30))
+    if kind == "fixed":
+        block = rng.randint(1, 40)
+        return masks.fixed(block, rng.randint(0, block))
+    if kind == "global":
+        return masks.global_tokens([rng.randint(0, tk + 5) for _ in range(rng.randint(0, 4))])
+    if kind == "block_sparse":
+        block = rng.randint(1, 40)
+        n = -(-tk // block)
+        shape = rng.choice([(n, n), (2, n, n), (batch, 1, n, n)])
+        return masks.block_sparse(torch.rand(*shape, generator=torch.Generator().manual_seed(rng.randint(0, 99))) < 0.6,
+                                  block=block)
+    if kind == "bigbird":
+        return masks.bigbird(rng.randint(0, 2), rng.randint(0, 2), rng.randint(0, 3), block=rng.randint(1, 30),
+                             seed=rng.randint(0, 9), causal=rng.random() < 0.5)
+    if kind == "padding":
+        return masks.padding([rng.randint(0, tk) for _ in range(batch)])
+    if kind == "document":
+        return masks.document([0, *sorted(rng.randint(0, tk) for _ in range(rng.randint(0, 3))), tk])
+    if kind == "prefix_lm":
+        return masks.prefix_lm(rng.randint(0, tk))
+    if kind == "tensor":
+        return masks.as_mask_spec(torch.rand(1, 2, tq, tk, generator=torch.Generator().manual_seed(rng.randint(0, 99)))
+                                  < 0.5)
+    return masks.causal()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_combined_kept_pairs_equals_the_dense_count(seed):
+    # odd lengths up to ~3 tiles of 64, Tq != Tk, so that FULL, EMPTY, PARTIAL and ragged tiles all occur
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(40):
+        tq, tk = rng.randint(1, 200), rng.randint(1, 200)
+        batch = rng.randint(2, 3)
+        leaves = [_random_leaf(rng, tq, tk, batch) for _ in range(rng.randint(2, 3))]
+        if any(isinstance(x, masks.Document) for x in leaves):
+            tq = tk
+            leaves = [x for x in leaves if not isinstance(x, masks.TensorMask)]
+        if len(leaves) < 2:
+            leaves.append(masks.causal())
+        spec = leaves[0]
+        for leaf in leaves[1:]:
+            spec = (spec & leaf) if rng.random() < 0.5 else (spec | leaf)
+        assert spec.kept_pairs(tq, tk) == int(spec.dense(tq, tk).sum()), (spec, tq, tk)
+
+
+class _CountingCausal(masks.Causal):
+    """Causal, counting the mask entries its mask_mod is asked for."""
+
+    evaluated = 0
+
+    def mask_mod(self, q_len, kv_len):
+        f = super().mask_mod(q_len, kv_len)
+
+        def mod(b, h, q, k):
+            out = f(b, h, q, k)
+            self.evaluated += out.numel()
+            return out
+
+        return mod
+
+
+def test_combined_kept_pairs_evaluates_only_partial_blocks():
+    t = 4096
+    counting = _CountingCausal()
+    spec = masks.sliding_window(512) & counting
+    assert spec.kept_pairs(t, t) == sum(min(i + 1, 513) for i in range(t))
+    # 64 x 64 blocks: the diagonal and the window's edge are PARTIAL, about 2 blocks per row; T^2 = 16.8M
+    assert 0 < counting.evaluated <= 3 * 64 * t
+
+
+def test_combined_kept_pairs_at_16k():
+    # counted per block (the test above checks the work: no T x T evaluation); timings are in docs/benchmarks.md
+    for spec, expected in [(masks.sliding_window(512) & masks.causal(), 8_273_664),
+                           (masks.longformer(256, list(range(16))), None)]:
+        kept = spec.kept_pairs(16384, 16384)
+        if expected is None:
+            # window: 513 keys per row minus the 2 x sum(1..256) missing at the edges; globals: 16 full rows and
+            # columns, minus the global pairs already inside the window
+            window = 16384 * 513 - 2 * (256 * 257 // 2)
+            overlap = sum(min(16384, g + 257) - max(0, g - 256) for g in range(16)) * 2 - 16 * 16
+            expected = window + 2 * 16 * 16384 - 16 * 16 - overlap
+        assert kept == expected, spec
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: masks.causal().dense(-1, 3), "q_len: expected an int >= 0, received -1"),
+    (lambda: masks.causal().kept_pairs(3, -1), "kv_len: expected an int >= 0, received -1"),
+    (lambda: masks.causal().kept_pairs(3, 3, block=0), "block: expected an int > 0, received 0"),
+    (lambda: masks.padding([2]).block_layout(3, 3, 2, 0), "block_k: expected an int > 0, received 0"),
+    (lambda: masks.document([0, 3]).block_layout(3, 3, -2, 1), "block_q: expected an int > 0, received -2"),
+    (lambda: masks.prefix_lm(1).kept_pairs(-2, 3), "q_len: expected an int >= 0, received -2"),
+    (lambda: (masks.causal() & masks.padding([1])).dense(2, -3), "kv_len: expected an int >= 0, received -3"),
+])
+def test_methods_validate_lengths_and_blocks(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

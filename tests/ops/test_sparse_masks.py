@@ -11,6 +11,8 @@ def _reference_mask(spec_name, q_len, kv_len):
     """The same patterns written as plain loops over positions, independent of the spec classes."""
     off = kv_len - q_len
     out = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    # BigBird's block layout is taken from the spec: this checks dense / kept_pairs / block_layout against it,
+    # while test_bigbird_blocks_per_row and the tests after it check the layout itself against the definition
     bb = masks.bigbird(window=1, n_global=1, n_random=2, block=8, seed=3)
     for i in range(q_len):
         p = i + off
@@ -139,7 +141,169 @@ def test_closed_forms_scale_without_t_squared():
     (lambda: masks.global_tokens([-1]), "indices"),
     (lambda: masks.block_sparse(torch.ones(2, 2)), "layout"),
     (lambda: masks.strided(1.5), "stride"),
+    (lambda: masks.strided(0), "stride: expected an int > 0, received 0"),
+    (lambda: masks.fixed(0, 0), "block: expected an int > 0, received 0"),
+    (lambda: masks.fixed(4, -1), "summary: expected an int >= 0, received -1"),
+    (lambda: masks.bigbird(window=-1), "window: expected an int >= 0"),
+    (lambda: masks.bigbird(n_global=-2), "n_global: expected an int >= 0"),
+    (lambda: masks.bigbird(n_random=-1), "n_random: expected an int >= 0"),
+    (lambda: masks.bigbird(block=0), "block: expected an int > 0"),
+    (lambda: masks.bigbird(seed=-1), "seed: expected an int >= 0"),
+    (lambda: masks.bigbird(seed=1.5), "seed: expected an int, received float"),
+    (lambda: masks.block_sparse(torch.ones(4, dtype=torch.bool)), "layout: expected \\[nQb, nKb\\]"),
+    (lambda: masks.block_sparse(torch.ones(1, 1, 1, 2, 2, dtype=torch.bool)), "layout: expected \\[nQb, nKb\\]"),
+    (lambda: masks.block_sparse(torch.ones(2, 2, dtype=torch.bool), block=0), "block: expected an int > 0"),
+    (lambda: masks.block_sparse(torch.ones(2, 2, dtype=torch.bool), block=4).dense(9, 9),
+     "layout: expected at least \\(3, 3\\) blocks"),
+    (lambda: masks.block_sparse(torch.ones(2, 3, dtype=torch.bool), block=4).kept_pairs(5, 9),
+     "layout: expected at least \\(3, 3\\) blocks"),
+    (lambda: masks.global_tokens("a"), "indices: expected"),
+    (lambda: masks.global_tokens(None), "indices: expected"),
+    (lambda: masks.global_tokens([[0, 1]]), "indices: expected a 1-D"),
+    (lambda: masks.global_tokens(3), "indices: expected a 1-D"),
+    (lambda: masks.global_tokens([0.5]), "indices: expected int positions, received torch.float32"),
+    (lambda: masks.global_tokens([True]), "indices: expected int positions, received torch.bool"),
 ])
 def test_validation_names_the_argument(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bad()
+
+
+def test_global_tokens_of_the_wrong_type_is_a_type_error():
+    for bad in ("a", None, [0.5]):
+        with pytest.raises(TypeError, match="indices"):
+            masks.global_tokens(bad)
+
+
+METHOD_SPECS = [masks.sliding_window(2), masks.fixed(4, 1), masks.global_tokens([1]), masks.bigbird(1, 1, 1, block=2),
+                masks.block_sparse(torch.ones(8, 8, dtype=torch.bool), block=2), masks.longformer(2, [0])]
+
+
+@pytest.mark.parametrize("spec", METHOD_SPECS, ids=repr)
+@pytest.mark.parametrize("call,err,match", [
+    (lambda s: s.dense(-1, 4), ValueError, "q_len: expected an int >= 0, received -1"),
+    (lambda s: s.dense(4, -2), ValueError, "kv_len: expected an int >= 0, received -2"),
+    (lambda s: s.kept_pairs(-1, 4), ValueError, "q_len: expected an int >= 0, received -1"),
+    (lambda s: s.kept_pairs(4, -1), ValueError, "kv_len: expected an int >= 0, received -1"),
+    (lambda s: s.kept_pairs(4.0, 4), TypeError, "q_len: expected an int, received float"),
+    (lambda s: s.block_layout(8, 8, 0, 4), ValueError, "block_q: expected an int > 0, received 0"),
+    (lambda s: s.block_layout(8, 8, -1, 4), ValueError, "block_q: expected an int > 0, received -1"),
+    (lambda s: s.block_layout(8, 8, 4, 0), ValueError, "block_k: expected an int > 0, received 0"),
+    (lambda s: s.block_layout(-3, 8, 4, 4), ValueError, "q_len: expected an int >= 0, received -3"),
+])
+def test_methods_validate_lengths_and_blocks(spec, call, err, match):
+    with pytest.raises(err, match=match):
+        call(spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BigBird: structure checked against the definition (independent of layout_for), and the random draw
+# ---------------------------------------------------------------------------------------------------------
+def _bigbird_parts(layout, window, n_global):
+    """Split a ``[n, n]`` BigBird layout into its window/global part (rebuilt from the definition with loops)
+    and the extra (random) blocks."""
+    n = layout.shape[-1]
+    base = torch.tensor([[abs(r - c) <= window or r < n_global or c < n_global for c in range(n)] for r in range(n)],
+                        dtype=torch.bool).view(n, n)
+    return base, layout & ~base
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("window,n_global,n_random", [(0, 0, 1), (1, 1, 2), (2, 1, 3), (1, 2, 5)])
+@pytest.mark.parametrize("n", [1, 4, 9, 23])
+def test_bigbird_blocks_per_row(window, n_global, n_random, causal, n):
+    lay = masks.bigbird(window, n_global, n_random, block=4, seed=11, causal=causal).layout_for(n)[0, 0]
+    base, extra = _bigbird_parts(lay, window, n_global)
+    assert bool((lay | ~base).all()), "a window or global block is missing"
+    for r in range(n):
+        cand = [c for c in range(n) if not base[r, c] and (c < r or not causal)]
+        if r < n_global:
+            assert int(extra[r].sum()) == 0  # a global row already sees every block
+        else:
+            assert int(extra[r].sum()) == min(n_random, len(cand)), (r, cand)
+        chosen = extra[r].nonzero().flatten().tolist()
+        assert set(chosen) <= set(cand), (r, chosen)  # never inside the window, the globals or (causal) the future
+
+
+def test_bigbird_causal_rows_do_not_change_as_the_sequence_grows():
+    full = masks.bigbird(1, 1, 3, block=4, seed=5, causal=True).layout_for(80)[0, 0]
+    for m in (1, 2, 6, 17, 40, 79):
+        # a fresh spec, so that nothing is shared through the per-length cache
+        assert torch.equal(masks.bigbird(1, 1, 3, block=4, seed=5, causal=True).layout_for(m)[0, 0], full[:m, :m]), m
+    assert not bool(torch.triu(full & ~_bigbird_parts(full, 1, 1)[0], 1).any())
+
+
+def test_bigbird_same_seed_same_layout_and_seeds_differ():
+    lay = masks.bigbird(1, 1, 2, block=4, seed=7).layout_for(40)
+    assert torch.equal(lay, masks.bigbird(1, 1, 2, block=4, seed=7).layout_for(40))
+    layouts = {tuple(masks.bigbird(1, 1, 2, block=4, seed=s).layout_for(16).flatten().tolist()) for s in range(50)}
+    assert len(layouts) >= 45  # an affine hash gave ~half as many: many seeds shared one layout
+
+
+def test_bigbird_random_blocks_are_spread():
+    # with 2 random blocks per row, the gap between them should vary from row to row (an affine hash put most
+    # rows at one fixed gap); over 62 rows of 61 candidates each no gap should cover 30% of the rows
+    for seed in (0, 1, 2):
+        lay = masks.bigbird(1, 1, 2, block=4, seed=seed).layout_for(64)[0, 0]
+        _, extra = _bigbird_parts(lay, 1, 1)
+        gaps = [int(cols[1] - cols[0]) for cols in (extra[r].nonzero().flatten() for r in range(1, 64))]
+        assert len(gaps) == 63
+        top = max(gaps.count(g) for g in set(gaps))
+        assert top < 0.3 * len(gaps), (seed, sorted(gaps))  # torch.rand draws give 7% on average
+
+
+def test_bigbird_layout_of_many_blocks():
+    lay = masks.bigbird(1, 2, 3, block=64, seed=1, causal=True).layout_for(1024)  # T = 64K
+    # rows 6.. have 3 window blocks (r - 1, r, r + 1), 2 globals and at least 3 past candidates for 3 random
+    assert lay[0, 0, 6:-1].sum(-1).tolist() == [3 + 2 + 3] * (1024 - 7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero lengths and validation
+# ---------------------------------------------------------------------------------------------------------
+ZERO_SPECS = {
+    **SPECS,
+    "bigbird": lambda: masks.bigbird(1, 1, 1, block=2),
+    "block_sparse": lambda: masks.block_sparse(torch.ones(3, 3, dtype=torch.bool), block=2),
+    "longformer": lambda: masks.longformer(2, [0]),
+}
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(0, 0), (0, 5), (5, 0)])
+@pytest.mark.parametrize("name", list(ZERO_SPECS))
+def test_zero_lengths(name, q_len, kv_len):
+    spec = ZERO_SPECS[name]()
+    assert spec.dense(q_len, kv_len).shape[-2:] == (q_len, kv_len)
+    assert spec.kept_pairs(q_len, kv_len) == 0
+    layout = spec.block_layout(q_len, kv_len, 2, 2)
+    assert layout.shape[-2:] == (-(-q_len // 2), -(-kv_len // 2))
+    assert not bool((layout != EMPTY).any())
+
+
+def test_empty_global_tokens_keep_nothing():
+    spec = masks.global_tokens([])
+    assert not bool(spec.dense(7, 9).any()) and spec.kept_pairs(7, 9) == 0
+    assert not bool((spec.block_layout(7, 9, 2, 4) != EMPTY).any())
+    window = masks.sliding_window(2)
+    assert torch.equal((window | spec).dense(7, 9), window.dense(7, 9))
+    assert masks.longformer(1, []).kept_pairs(9, 9) == masks.sliding_window(1, 1).kept_pairs(9, 9) == 9 + 2 * 8
+    b, h, qi, ki = spec._index_grid(torch.arange(7)[:, None], torch.arange(9)[None, :], torch.device("cpu"))
+    assert not bool(spec.mask_mod(7, 9)(b, h, qi, ki).any())
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(13, 29), (20, 11)])
+def test_block_sparse_cross_attention(q_len, kv_len):
+    # bottom-right alignment: query row i sits at position i + Tk - Tq and reads layout row (that position) // 5
+    gen = torch.Generator().manual_seed(4)
+    lay = torch.rand(2, 6, 6, generator=gen) > 0.4
+    spec = masks.block_sparse(lay, block=5)
+    off = kv_len - q_len
+    ref = torch.tensor([[[bool(lay[h, (i + off) // 5, j // 5]) if i + off >= 0 else False for j in range(kv_len)]
+                         for i in range(q_len)] for h in range(2)])
+    assert torch.equal(spec.dense(q_len, kv_len)[0], ref)
+    assert spec.kept_pairs(q_len, kv_len) == int(ref.sum())
+    for bq, bk in [(4, 4), (3, 7)]:
+        layout = spec.block_layout(q_len, kv_len, bq, bk)
+        assert torch.equal(layout, MaskSpec.block_layout(spec, q_len, kv_len, bq, bk))
+        for h in range(2):
+            _check_layout(layout[0, h], ref[h], bq, bk)

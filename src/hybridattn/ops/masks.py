@@ -31,7 +31,8 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 
 class MaskSpec:
-    """Base class. Subclasses implement ``mask_mod`` and may override the others with closed forms."""
+    """Base class. Subclasses implement ``mask_mod`` and may override ``_kept_pairs`` / ``_block_layout`` with
+    closed forms; the public methods check the lengths and block sizes once, for every spec."""
 
     #: batch size the spec depends on (e.g. padding lengths), or None when it is the same for every row
     batch_size: int | None = None
@@ -43,23 +44,23 @@ class MaskSpec:
 
     # -- derived forms -------------------------------------------------------------------------------------
     def _index_grid(self, q_idx: torch.Tensor, kv_idx: torch.Tensor, device):
-        b = torch.arange(self.batch_size or 1, device=device).view(-1, 1, 1, 1)
-        h = torch.arange(self.num_heads or 1, device=device).view(1, -1, 1, 1)
-        return b, h, q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1)
+        """``(b, h, q, k)`` index tensors for ``mask_mod``: ``b`` ``[B|1, 1, 1...]`` and ``h`` ``[1, H|1, 1...]``
+        lead, ``q_idx`` / ``kv_idx`` (of one rank, broadcastable against each other, e.g. ``[n, 1]`` / ``[1, m]``)
+        follow, so a mask_mod's result is ``[B|1, H|1, n, m]``."""
+        tail = (1,) * q_idx.dim()
+        b = torch.arange(self.batch_size or 1, device=device).view(-1, 1, *tail)
+        h = torch.arange(self.num_heads or 1, device=device).view(1, -1, *tail)
+        return b, h, q_idx[None, None], kv_idx[None, None]
 
-    def dense_rows(self, q_len: int, kv_len: int, q_start: int, q_end: int, *, device=None) -> torch.Tensor:
-        """Rows ``q_start:q_end`` of the dense mask, ``[B|1, H|1, q_end - q_start, Tk]``."""
-        device = torch.device("cpu") if device is None else torch.device(device)
-        q_idx = torch.arange(q_start, q_end, device=device)
-        kv_idx = torch.arange(kv_len, device=device)
-        b, h, qi, ki = self._index_grid(q_idx, kv_idx, device)
+    def _dense_at(self, q_len: int, kv_len: int, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """The mask at query rows ``q_idx`` and key columns ``kv_idx`` (index tensors of one rank, broadcastable
+        against each other, all in range): ``[B|1, H|1, *broadcast shape]``. ``dense``, ``dense_rows``,
+        ``dense_block`` and a composition's ``kept_pairs`` (a batch of PARTIAL tiles) all evaluate through here."""
+        b, h, qi, ki = self._index_grid(q_idx, kv_idx, q_idx.device)
         out = self.mask_mod(q_len, kv_len)(b, h, qi, ki)
-        shape = (self.batch_size or 1, self.num_heads or 1, q_end - q_start, kv_len)
-        return out.to(torch.bool).expand(shape)
-
-    def dense(self, q_len: int, kv_len: int, *, device=None) -> torch.Tensor:
-        """The whole boolean mask, ``[B|1, H|1, Tq, Tk]`` (True = attend)."""
-        return self.dense_rows(q_len, kv_len, 0, q_len, device=device)
+        # by hand: torch.broadcast_shapes imports sympy on first use (a second of start-up)
+        grid = tuple(a if b == 1 else b for a, b in zip(q_idx.shape, kv_idx.shape))
+        return out.to(torch.bool).expand(self.batch_size or 1, self.num_heads or 1, *grid)
 
     def dense_block(self, q_len: int, kv_len: int, q_start: int, q_end: int, k_start: int, k_end: int, *,
                     device=None) -> torch.Tensor:
@@ -68,23 +69,42 @@ class MaskSpec:
         device = torch.device("cpu") if device is None else torch.device(device)
         q_idx = torch.arange(q_start, q_end, device=device)
         kv_idx = torch.arange(k_start, k_end, device=device)
-        b, h, qi, ki = self._index_grid(q_idx, kv_idx, device)
-        out = self.mask_mod(q_len, kv_len)(b, h, qi, ki)
-        shape = (self.batch_size or 1, self.num_heads or 1, q_end - q_start, k_end - k_start)
-        return out.to(torch.bool).expand(shape)
+        return self._dense_at(q_len, kv_len, q_idx[:, None], kv_idx[None, :])
+
+    def dense_rows(self, q_len: int, kv_len: int, q_start: int, q_end: int, *, device=None) -> torch.Tensor:
+        """Rows ``q_start:q_end`` of the dense mask, ``[B|1, H|1, q_end - q_start, Tk]``."""
+        return self.dense_block(q_len, kv_len, q_start, q_end, 0, kv_len, device=device)
+
+    def dense(self, q_len: int, kv_len: int, *, device=None) -> torch.Tensor:
+        """The whole boolean mask, ``[B|1, H|1, Tq, Tk]`` (True = attend)."""
+        _check_lengths(q_len, kv_len)
+        return self.dense_rows(q_len, kv_len, 0, q_len, device=device)
 
     def kept_pairs(self, q_len: int, kv_len: int, *, block: int = 256) -> int:
-        """Number of kept pairs, summed over the batch rows and heads the spec depends on."""
+        """Number of kept pairs, summed over the batch rows and heads the spec depends on (``dense(...).sum()``).
+        ``block`` bounds the rows materialised at once where a spec has no cheaper count."""
+        _check_lengths(q_len, kv_len)
+        check_positive_int("block", block)
+        return self._kept_pairs(q_len, kv_len, block)
+
+    def block_layout(self, q_len: int, kv_len: int, block_q: int, block_k: int, *, device=None) -> torch.Tensor:
+        """``int8 [B|1, H|1, ceil(Tq/block_q), ceil(Tk/block_k)]`` of EMPTY / PARTIAL / FULL."""
+        _check_lengths(q_len, kv_len)
+        check_positive_int("block_q", block_q)
+        check_positive_int("block_k", block_k)
+        return self._block_layout(q_len, kv_len, block_q, block_k, device)
+
+    # -- generic forms from the dense mask, for specs without a closed form ---------------------------------
+    def _kept_pairs(self, q_len: int, kv_len: int, block: int) -> int:
         total = 0
         for start in range(0, q_len, block):
             total += int(self.dense_rows(q_len, kv_len, start, min(q_len, start + block)).sum())
         return total
 
-    def block_layout(self, q_len: int, kv_len: int, block_q: int, block_k: int, *, device=None) -> torch.Tensor:
-        """``int8 [B|1, H|1, ceil(Tq/block_q), ceil(Tk/block_k)]`` of EMPTY / PARTIAL / FULL."""
+    def _block_layout(self, q_len: int, kv_len: int, block_q: int, block_k: int, device) -> torch.Tensor:
         n_kb = -(-kv_len // block_k)
         pad_k = n_kb * block_k - kv_len
-        rows = []
+        rows = [torch.zeros(self.batch_size or 1, self.num_heads or 1, 0, n_kb, dtype=torch.int8, device=device)]
         for start in range(0, q_len, block_q):
             m = self.dense_rows(q_len, kv_len, start, min(q_len, start + block_q), device=device)
             if pad_k:
@@ -100,8 +120,8 @@ class MaskSpec:
                 allk = m.all(dim=-1).all(dim=-2)
             else:
                 allk = (m | ~valid.view(n_kb, block_k)).all(dim=-1).all(dim=-2)
-            rows.append(torch.where(allk, FULL, torch.where(anyk, PARTIAL, EMPTY)).to(torch.int8))
-        return torch.stack(rows, dim=-2)
+            rows.append(torch.where(allk, FULL, torch.where(anyk, PARTIAL, EMPTY)).to(torch.int8)[:, :, None])
+        return torch.cat(rows, dim=-2)
 
     # -- combinators ---------------------------------------------------------------------------------------
     def __and__(self, other: "MaskSpec") -> "MaskSpec":
@@ -115,6 +135,11 @@ class MaskSpec:
 
     def __ror__(self, other):
         return as_mask_spec(other, "other") | self
+
+
+def _check_lengths(q_len, kv_len) -> None:
+    check_positive_int("q_len", q_len, allow_zero=True)
+    check_positive_int("kv_len", kv_len, allow_zero=True)
 
 
 def block_bounds(length: int, block: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +171,38 @@ class _Combined(MaskSpec):
             return lambda b, h, q, k: f(b, h, q, k) & g(b, h, q, k)
         return lambda b, h, q, k: f(b, h, q, k) | g(b, h, q, k)
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         a = self.left.block_layout(q_len, kv_len, block_q, block_k, device=device)
         c = self.right.block_layout(q_len, kv_len, block_q, block_k, device=device)
         # AND: empty if either is empty, full only if both are full; OR: the dual. PARTIAL is conservative.
         return torch.minimum(a, c) if self.op == "and" else torch.maximum(a, c)
+
+    def _kept_pairs(self, q_len, kv_len, block):
+        # No closed form for a composition, but its block layout has one: FULL tiles count by their area, EMPTY
+        # ones are skipped and only PARTIAL ones evaluate the mask, so the cost follows the tiles that are not EMPTY.
+        # A band-like mask has O(T / tile) PARTIAL tiles of tile^2 pairs against (T / tile)^2 layout entries, which
+        # balance near tile = T^(1/3); the layout is kept under 2^22 entries.
+        tile = 16
+        while tile ** 3 < max(q_len, kv_len) or -(-q_len // tile) * -(-kv_len // tile) > 1 << 22:
+            tile *= 2
+        tq, tk = max(1, min(tile, q_len)), max(1, min(tile, kv_len))  # a decode step (Tq = 1) needs 1-row tiles
+        layout = self.block_layout(q_len, kv_len, tq, tk)
+        layout = layout.expand(self.batch_size or 1, self.num_heads or 1, *layout.shape[2:]).flatten(0, 1)
+        rows = torch.clamp(q_len - torch.arange(layout.shape[-2]) * tq, max=tq)  # the last tile may be ragged
+        cols = torch.clamp(kv_len - torch.arange(layout.shape[-1]) * tk, max=tk)
+        partial = (layout == PARTIAL).any(0)  # (nQ, nK): evaluated for every batch row and head at once
+        n_full = (layout == FULL).sum(0)
+        total = int((n_full * rows[:, None] * cols[None, :])[~partial].sum())
+        tiles = partial.nonzero()  # (N, 2)
+        per_chunk = max(1, (1 << 22) // (layout.shape[0] * tq * tk))  # bounds the mask held at once
+        for chunk in tiles.split(per_chunk):
+            q_idx = chunk[:, 0, None] * tq + torch.arange(tq)  # (n, tq), past Tq in a ragged tile
+            k_idx = chunk[:, 1, None] * tk + torch.arange(tk)
+            valid = (q_idx < q_len)[:, :, None] & (k_idx < kv_len)[:, None, :]
+            keep = self._dense_at(q_len, kv_len, q_idx.clamp(max=q_len - 1)[:, :, None],
+                                  k_idx.clamp(max=kv_len - 1)[:, None, :])
+            total += int((keep & valid).sum())
+        return total
 
     def __repr__(self):
         return f"({self.left!r} {'&' if self.op == 'and' else '|'} {self.right!r})"
@@ -185,14 +237,12 @@ class TensorMask(MaskSpec):
         nb, nh = m.shape[:2]
         return lambda b, h, q, k: m[b % nb, h % nh, q, k]
 
-    def dense_rows(self, q_len, kv_len, q_start, q_end, *, device=None):
-        self._check_lengths(q_len, kv_len)
-        m = self.mask.expand(self.mask.shape[0], self.mask.shape[1], q_len, kv_len)[:, :, q_start:q_end]
-        return m if device is None else m.to(device)
-
     def dense_block(self, q_len, kv_len, q_start, q_end, k_start, k_end, *, device=None):
-        m = self.dense_rows(q_len, kv_len, q_start, q_end, device=device)
-        return m[..., k_start:k_end]
+        # a view of the user's tensor (no copy through mask_mod's gather), moved only once sliced
+        self._check_lengths(q_len, kv_len)
+        m = self.mask.expand(self.mask.shape[0], self.mask.shape[1], q_len, kv_len)
+        m = m[:, :, q_start:q_end, k_start:k_end]
+        return m if device is None else m.to(device)
 
     def __repr__(self):
         return f"TensorMask(shape={tuple(self.mask.shape)})"
@@ -205,11 +255,11 @@ class Causal(MaskSpec):
         offset = kv_len - q_len
         return lambda b, h, q, k: (q + offset) >= k
 
-    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+    def _kept_pairs(self, q_len, kv_len, block) -> int:
         offset = kv_len - q_len
         return sum(max(0, min(kv_len, i + offset + 1)) for i in range(q_len))
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         offset = kv_len - q_len
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(kv_len, block_k, device)
@@ -237,11 +287,11 @@ class Padding(MaskSpec):
         lengths = self.lengths
         return lambda b, h, q, k: k < lengths.to(k.device)[b]
 
-    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+    def _kept_pairs(self, q_len, kv_len, block) -> int:
         self.mask_mod(q_len, kv_len)  # validates the lengths
         return q_len * int(self.lengths.sum())
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         self.mask_mod(q_len, kv_len)
         k0, k1 = block_bounds(kv_len, block_k, device)
         n_q = -(-q_len // block_q)
@@ -259,8 +309,16 @@ class Document(MaskSpec):
 
     def __init__(self, cu_seqlens):
         if not isinstance(cu_seqlens, torch.Tensor):
-            cu_seqlens = torch.as_tensor(cu_seqlens)
-        check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), batch=1)
+            try:
+                cu_seqlens = torch.as_tensor(cu_seqlens)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(
+                    f"cu_seqlens: expected a list or tensor of int offsets, received {cu_seqlens!r}"
+                ) from None
+        # the spec's length is its last offset: read it only once the shape is known to be [N + 1], and let
+        # check_cu_seqlens report a bad shape (an impossible total of -1 never gets past its shape check)
+        well_shaped = cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+        check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if well_shaped else -1, batch=1)
         self.cu_seqlens = cu_seqlens.to(torch.long)
         total = int(cu_seqlens[-1])
         self.doc_ids = torch.searchsorted(self.cu_seqlens[1:], torch.arange(total), right=True)
@@ -274,11 +332,11 @@ class Document(MaskSpec):
         ids = self.doc_ids
         return lambda b, h, q, k: ids.to(q.device)[q] == ids.to(k.device)[k]
 
-    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+    def _kept_pairs(self, q_len, kv_len, block) -> int:
         self.mask_mod(q_len, kv_len)
         return int((self.cu_seqlens.diff() ** 2).sum())
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         # document ids are non-decreasing, so a tile spans the id ranges of its first and last row / column
         self.mask_mod(q_len, kv_len)
         ids = self.doc_ids

@@ -47,16 +47,17 @@ class _DistanceSpec(MaskSpec):
     def _distances(self, q_len, kv_len, device):
         offset = kv_len - q_len
         lo = offset - (kv_len - 1)
-        return lo, torch.arange(lo, q_len + offset, device=device)
+        # Tq = Tk = 0 gives the range [1, 0): no distance at all
+        return lo, torch.arange(lo, max(lo, q_len + offset), device=device)
 
-    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+    def _kept_pairs(self, q_len, kv_len, block) -> int:
         offset = kv_len - q_len
         _, d = self._distances(q_len, kv_len, None)
         # rows i with j = i + offset - d inside [0, Tk): i in [max(0, d - offset), min(Tq, Tk + d - offset))
         count = torch.clamp(torch.clamp(kv_len + d - offset, max=q_len) - torch.clamp(d - offset, min=0), min=0)
         return int((count * self.keep(d)).sum())
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         offset = kv_len - q_len
         lo, d = self._distances(q_len, kv_len, device)
         prefix = torch.nn.functional.pad(torch.cumsum(self.keep(d).long(), 0), (1, 0))
@@ -136,7 +137,7 @@ class Fixed(MaskSpec):
         l, c = self.block, self.summary
         return (x // l) * c + torch.clamp(x % l - (l - c), min=0)
 
-    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+    def _kept_pairs(self, q_len, kv_len, block) -> int:
         l = self.block
         p = torch.arange(q_len) + (kv_len - q_len)
         start = torch.clamp((p // l) * l, 0, kv_len)
@@ -146,7 +147,7 @@ class Fixed(MaskSpec):
         total_summary = self._summaries_before(torch.tensor(kv_len))
         return int((own + total_summary - own_summary).sum())
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         l, c, offset = self.block, self.summary, kv_len - q_len
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(kv_len, block_k, device)
@@ -175,9 +176,16 @@ class GlobalTokens(MaskSpec):
     attention). Indices past the current sequence are ignored, so one spec serves every length."""
 
     def __init__(self, indices):
-        idx = torch.as_tensor(indices)
-        if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
-            raise ValueError(f"indices: expected a 1-D list of int positions, received {idx.dtype} {tuple(idx.shape)}")
+        try:
+            idx = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"indices: expected a 1-D list or tensor of int positions, received {indices!r}") from None
+        if idx.dim() != 1:
+            raise ValueError(f"indices: expected a 1-D list of int positions, received shape {tuple(idx.shape)}")
+        if idx.numel() == 0:
+            idx = idx.long()  # an empty list is float to torch; no global token is a valid (empty) set
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f"indices: expected int positions, received {idx.dtype} {idx.tolist()}")
         if idx.numel() and int(idx.min()) < 0:
             raise ValueError(f"indices: expected positions >= 0, received {idx.tolist()}")
         self.indices = torch.unique(idx.long())
@@ -213,12 +221,12 @@ class GlobalTokens(MaskSpec):
         k0, k1 = block_bounds(kv_len, block_k, device)
         return count(q0 + offset, q1 + offset), q1 - q0 + 1, count(k0, k1), k1 - k0 + 1
 
-    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+    def _kept_pairs(self, q_len, kv_len, block) -> int:
         gq, _, gk, _ = self._counts(q_len, kv_len, max(q_len, 1), max(kv_len, 1), None)
         gq, gk = int(gq.sum()), int(gk.sum())
         return gq * kv_len + (q_len - gq) * gk
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         gq, nq, gk, nk = self._counts(q_len, kv_len, block_q, block_k, device)
         any_ = (gq[:, None] > 0) | (gk[None, :] > 0)
         full = (gq == nq)[:, None] | (gk == nk)[None, :]
@@ -275,19 +283,22 @@ class BlockSparse(MaskSpec):
         hi = torch.clamp(start + self.block, max=first + length)
         return torch.clamp(hi - lo, min=0)
 
-    def kept_pairs(self, q_len, kv_len, *, block: int = 256) -> int:
+    def _kept_pairs(self, q_len, kv_len, block) -> int:
         layout = self._layout(q_len, kv_len)
         nq = self._tokens_per_block(kv_len - q_len, q_len, layout.shape[-2], None)
         nk = self._tokens_per_block(0, kv_len, layout.shape[-1], None)
         return int((layout.cpu().long() * nq[:, None] * nk[None, :]).sum())
 
-    def block_layout(self, q_len, kv_len, block_q, block_k, *, device=None):
+    def _block_layout(self, q_len, kv_len, block_q, block_k, device):
         layout, offset, bs = self._layout(q_len, kv_len).to(device), kv_len - q_len, self.block
         prefix = torch.nn.functional.pad(layout.long().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(kv_len, block_k, device)
         ps, pe = q0 + offset, q1 + offset
-        qa, qb = torch.clamp(ps, min=0) // bs, torch.clamp(pe, min=0) // bs + 1  # layout rows [qa, qb)
+        # layout rows [qa, qb); the clamp only matters at Tk = 0, where every query sits before position 0 and a
+        # 0-block layout has no row 1
+        qa = torch.clamp(ps, min=0) // bs
+        qb = torch.clamp(torch.clamp(pe, min=0) // bs + 1, max=layout.shape[-2])
         ka, kb = k0 // bs, k1 // bs + 1
         rect = (prefix[..., qb, :][..., kb] - prefix[..., qa, :][..., kb]
                 - prefix[..., qb, :][..., ka] + prefix[..., qa, :][..., ka])
@@ -298,6 +309,21 @@ class BlockSparse(MaskSpec):
 
     def __repr__(self):
         return f"block_sparse(layout={tuple(self.layout.shape)}, block={self.block})"
+
+
+_MASK32, _GOLDEN32 = 0xFFFFFFFF, 0x9E3779B9
+
+
+def _mix32(x):
+    """A non-linear 32-bit integer hash (T. Mueller's two rounds of xorshift-multiply, constant 0x45D9F3B): a
+    flipped input bit changes about half the output bits. The affine hash it replaces gave scores
+    ``frac(a r + b c + s)``, which put a row's random blocks at a fixed gap and made a seed shift every score alike.
+
+    Works on Python ints and on int64 tensors holding values in ``[0, 2^32)``: a 32-bit value times a 27-bit
+    constant stays below 2^59, so int64 never overflows, and right shifts of non-negative values are logical."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
 
 
 class BigBird(BlockSparse):
@@ -322,12 +348,19 @@ class BigBird(BlockSparse):
         self._layouts: dict[int, torch.Tensor] = {}
 
     def _random_scores(self, n_blocks: int) -> torch.Tensor:
-        """Uniform-looking scores in [0, 1) from a multiplicative hash of (seed, row, column)."""
+        """``int64 [n_blocks, n_blocks]`` scores in ``[0, 2^32)``: a hash of (seed, query block, key block) that
+        depends on nothing else, so a row's draw is fixed once its candidates exist (the causal prefix property).
+        Chained ``_mix32`` rounds: the seed, then the row, then the column; each round is a bijection of 32-bit
+        values, so within a row distinct columns get distinct scores (no ties, so ``topk`` is deterministic)."""
+        h, seed = _GOLDEN32, self.seed
+        while True:  # fold the seed in 32 bits at a time, so that every seed gives its own stream
+            h = _mix32(h ^ (seed & _MASK32))
+            seed >>= 32
+            if not seed:
+                break
         idx = torch.arange(n_blocks, dtype=torch.int64)
-        h = (idx[:, None] * 1_000_003 + idx[None, :] * 7_919 + self.seed * 104_729 + 12_345) % (1 << 31)
-        h = (h * 1_103_515_245 + 12_345) % (1 << 31)
-        h = (h * 1_103_515_245 + 12_345) % (1 << 31)
-        return h.double() / (1 << 31)
+        row = _mix32(idx ^ h)
+        return _mix32(row[:, None] ^ idx[None, :])
 
     def layout_for(self, n_blocks: int) -> torch.Tensor:
         """The ``[1, 1, n_blocks, n_blocks]`` block layout (cached per ``n_blocks``)."""
@@ -338,7 +371,7 @@ class BigBird(BlockSparse):
             if self.n_random and n_blocks:
                 score = self._random_scores(n_blocks)
                 taken = lay | (idx[None, :] > idx[:, None]) if self.causal else lay
-                score[taken] = -1.0  # draw only among blocks not seen yet (and, causal, not in the future)
+                score[taken] = -1  # draw only among blocks not seen yet (and, causal, not in the future)
                 top = score.topk(min(self.n_random, n_blocks), dim=-1)
                 chosen = torch.zeros_like(lay).scatter_(-1, top.indices, top.values >= 0)
                 chosen[: self.n_global] = False  # global rows already see everything
