@@ -307,3 +307,11 @@ def test_block_sparse_cross_attention(q_len, kv_len):
         assert torch.equal(layout, MaskSpec.block_layout(spec, q_len, kv_len, bq, bk))
         for h in range(2):
             _check_layout(layout[0, h], ref[h], bq, bk)
+
+
+def test_global_tokens_built_under_a_meta_default_device():
+    # model skeletons (memory planner) build their mixers under torch.device("meta")
+    with torch.device("meta"):
+        spec = masks.longformer(4, [0, 3])
+    assert torch.equal(spec.dense(9, 9), (masks.longformer(4, [0, 3])).dense(9, 9))
+    assert spec.kept_pairs(9, 9) == int(masks.longformer(4, [0, 3]).dense(9, 9).sum())

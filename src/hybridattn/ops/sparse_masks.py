@@ -177,7 +177,10 @@ class GlobalTokens(MaskSpec):
 
     def __init__(self, indices):
         try:
-            idx = torch.as_tensor(indices)
+            # positions are host-side metadata (like lengths), moved to the data's device where used: a default
+            # device such as "meta" (model skeletons) must not capture them
+            host = indices.device if isinstance(indices, torch.Tensor) else torch.device("cpu")
+            idx = torch.as_tensor(indices, device=host)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"indices: expected a 1-D list or tensor of int positions, received {indices!r}") from None
         if idx.dim() != 1:
