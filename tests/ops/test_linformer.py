@@ -40,3 +40,12 @@ def test_causal_and_shape_errors():
         linformer_attention(q, q, q, torch.randn(3, 7), e)
     with pytest.raises(ValueError, match="F: expected the projected length"):
         linformer_attention(q, q, q, e, torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("scale, err, match", [("x", TypeError, "scale: expected a float, received str"),
+                                               (float("nan"), ValueError, "scale: expected a finite float"),
+                                               (True, TypeError, "scale: expected a float, received bool")])
+def test_scale_is_validated(scale, err, match):
+    q, e = torch.randn(1, 6, 2, 4), torch.eye(6)
+    with pytest.raises(err, match=match):
+        linformer_attention(q, q, q, e, e, scale=scale)

@@ -1,10 +1,10 @@
-"""Reformer LSH attention: chunked fast path == dense float64 reference; one bucket == full attention."""
+"""Reformer LSH attention: chunked fast path == dense float64 references (the library's and one written here);
+one bucket == full attention (without the self pair under shared-QK)."""
 
 import pytest
 import torch
 
 from hybridattn.ops.lsh_attention import lsh_attention, lsh_attention_reference, lsh_buckets
-from hybridattn.ops.softmax_attention import softmax_attention
 
 CASES = [
     dict(n_buckets=4, n_hashes=1, causal=False, chunk_size=None),
@@ -35,12 +35,122 @@ def test_matches_dense_reference(case, shared):
         torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5)
 
 
+def dense_softmax64(q, k, v, keep, *, scale):
+    """Float64 masked softmax attention written out here: q ``[B, T, H, D]``, k / v ``[B, T, Hkv, X]``, keep
+    ``[B|1, H|1, T, T]``; rows that keep nothing give zeros."""
+    g = q.shape[2] // k.shape[2]
+    kh, vh = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    s = (scale * torch.einsum("bihd,bjhd->bhij", q, kh)).masked_fill(~keep, float("-inf"))
+    w = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhij,bjhd->bihd", w, vh)
+
+
+def rel(x, ref):
+    return float((x.detach().double() - ref.detach()).abs().max() / ref.detach().abs().max())
+
+
+def grads(fn, leaves, do):
+    out = fn(*leaves)
+    return [out, *torch.autograd.grad(out, [x for x in leaves if x is not None], do.to(out.dtype))]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["separate-k", "shared-qk"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_one_bucket_is_full_attention(causal):
-    q, k, v = torch.randn(2, 27, 4, 8), torch.randn(2, 27, 2, 8), torch.randn(2, 27, 2, 8)
-    out = lsh_attention(q, k, v, n_buckets=1, n_hashes=2, causal=causal)
-    torch.testing.assert_close(out, softmax_attention(q, k, v, causal=causal, backend="naive"),
-                               rtol=1e-5, atol=1e-6)
+def test_one_bucket_is_full_attention(causal, shared):
+    """Separate k: full attention. Shared-QK (Reformer): full attention without the self pair, which only a row
+    with no other visible key (the first, under causal) uses."""
+    gen = torch.Generator().manual_seed(3)
+    b, t, h, hkv, d, dv = 2, 27, 6, 6 if shared else 2, 12, 10
+    q = torch.randn(b, t, h, d, generator=gen, dtype=torch.float64)
+    k = None if shared else torch.randn(b, t, hkv, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, t, hkv, dv, generator=gen, dtype=torch.float64)
+    do = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
+    i = torch.arange(t)
+    keep = (i[None, :] <= i[:, None]) if causal else torch.ones(t, t, dtype=torch.bool)
+    if shared:
+        keep = keep & ((i[:, None] != i[None, :]) | (keep.sum(-1, keepdim=True) == 1))
+
+    def reference(q, k, v):
+        kk = torch.nn.functional.normalize(q, dim=-1) if shared else k
+        return dense_softmax64(q, kk, v, keep, scale=d ** -0.5)
+
+    split = lambda xs: (xs[0], None, xs[1]) if shared else tuple(xs)  # noqa: E731
+    leaves64 = [x.clone().requires_grad_() for x in (q, k, v) if x is not None]
+    leaves32 = [x.float().requires_grad_() for x in (q, k, v) if x is not None]
+    want = grads(lambda *x: reference(*split(x)), leaves64, do)
+    got = grads(lambda *x: lsh_attention(*split(x), n_buckets=1, n_hashes=2, causal=causal), leaves32, do)
+    for name, a, w in zip(("o", "dq", "dk", "dv") if not shared else ("o", "dq", "dv"), got, want):
+        assert rel(a, w) <= 1e-5, f"{name}: {rel(a, w):.2e}"
+
+
+def independent_lsh(q, k, v, *, n_buckets, n_hashes, causal, seed, chunk_size):
+    """Reformer LSH attention from its description, loop by loop, in float64: rotations drawn from ``seed`` as
+    documented (``randn(n_hashes, Hkv, D, n_buckets / 2)``, float64, CPU generator), buckets by argmax of
+    ``[xR, -xR]``, rank in (bucket, position) order, chunk = rank // c, a query sees its own and the previous
+    chunk (first sees last), self pair at -1e5 under shared-QK, rounds combined by a softmax over their lse."""
+    shared = k is None
+    hashed = q if shared else k
+    k = torch.nn.functional.normalize(q, dim=-1) if shared else k
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    c = chunk_size or -(-t // n_buckets)
+    n = -(-t // c)
+    rot = torch.randn(n_hashes, hkv, d, max(n_buckets // 2, 1), generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.float64)
+    pos = torch.arange(t)
+    rows = []
+    for bi in range(b):
+        heads = []
+        for hi in range(h):
+            j = hi // (h // hkv)
+            s = d ** -0.5 * q[bi, :, hi] @ k[bi, :, j].T  # (T, T)
+            if shared:
+                s = torch.where(torch.eye(t, dtype=torch.bool), torch.full_like(s, -1e5), s)
+            outs, lses = [], []
+            for r in range(n_hashes):
+                x = hashed[bi, :, j].detach().double()
+                x = x / x.norm(dim=-1, keepdim=True)
+                bucket = [0] * t if n_buckets == 1 else torch.cat([x @ rot[r, j], -(x @ rot[r, j])], -1).argmax(-1).tolist()
+                order = sorted(range(t), key=lambda tok: (bucket[tok], tok))
+                chunk = torch.empty(t, dtype=torch.long)
+                chunk[torch.tensor(order)] = torch.arange(t) // c
+                cq, ck = chunk[:, None], chunk[None, :]
+                keep = (ck == cq) | (ck == cq - 1) | ((cq == 0) & (ck == n - 1) & (n > 1))
+                if causal:
+                    keep = keep & (pos[None, :] <= pos[:, None])
+                sr = s.masked_fill(~keep, float("-inf"))
+                lse = torch.logsumexp(sr, -1)
+                outs.append(torch.softmax(sr, -1).nan_to_num(0.0) @ v[bi, :, j])
+                lses.append(lse)
+            lse = torch.stack(lses)  # (R, T)
+            w = torch.softmax(lse, 0).nan_to_num(0.0)
+            heads.append((w[..., None] * torch.stack(outs)).sum(0))
+        rows.append(torch.stack(heads, 1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["separate-k", "shared-qk"])
+@pytest.mark.parametrize("case", [
+    dict(n_buckets=4, n_hashes=3, causal=False, chunk_size=5),
+    dict(n_buckets=6, n_hashes=2, causal=True, chunk_size=4),
+    dict(n_buckets=2, n_hashes=1, causal=False, chunk_size=12),  # two chunks: each looks back at the other
+    dict(n_buckets=4, n_hashes=2, causal=True, chunk_size=None),
+], ids=["nb4-h3-c5", "nb6-h2-causal-c4", "nb2-h1-c12", "nb4-h2-causal"])
+def test_matches_independent_reference(case, shared):
+    gen = torch.Generator().manual_seed(7)
+    b, t, h, d, dv = 2, 23, 6, 12, 10
+    hkv = h if shared else 2
+    q = torch.randn(b, t, h, d, generator=gen, dtype=torch.float64)
+    k = None if shared else torch.randn(b, t, hkv, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, t, hkv, dv, generator=gen, dtype=torch.float64)
+    do = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
+    split = lambda xs: (xs[0], None, xs[1]) if shared else tuple(xs)  # noqa: E731
+    leaves64 = [x.clone().requires_grad_() for x in (q, k, v) if x is not None]
+    leaves32 = [x.float().requires_grad_() for x in (q, k, v) if x is not None]
+    want = grads(lambda *x: independent_lsh(*split(x), seed=11, **case), leaves64, do)
+    got = grads(lambda *x: lsh_attention(*split(x), seed=11, **case), leaves32, do)
+    for name, a, w in zip(("o", "dq", "dk", "dv") if not shared else ("o", "dq", "dv"), got, want):
+        assert rel(a, w) <= 1e-5, f"{name}: {rel(a, w):.2e}"
 
 
 def test_buckets_group_similar_keys():
@@ -57,3 +167,7 @@ def test_validation():
         lsh_attention(q, q, q, n_buckets=3)
     with pytest.raises(ValueError, match="Tk == Tq"):
         lsh_attention(q, q[:, :5], q[:, :5], n_buckets=2)
+    with pytest.raises(TypeError, match="scale: expected a float"):
+        lsh_attention(q, q, q, n_buckets=2, scale="x")
+    with pytest.raises(ValueError, match="scale: expected a finite float"):
+        lsh_attention(q, q, q, n_buckets=2, scale=float("nan"))

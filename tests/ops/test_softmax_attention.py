@@ -89,19 +89,17 @@ def compare_to_naive(backend_fn, b, tq, tk, hq, hkv, d, dv, kind, *, seed=0, gra
         assert rel_err(out, ref[0]) <= TOL
         return
     got = run_with_grads(lambda *x: backend_fn(*x, **opts32), *f32, do.float())
-    # The bar is TOL, or, where fp32 itself cannot reach it, 4x the error of the naive reference run in fp32 (as
-    # flash-attn's tests judge their kernels against the reference in the low precision): dq and dk are sums of
-    # terms that cancel when a row's softmax is (nearly) constant, so a row with a single kept key makes max |dk|
-    # small next to the terms, or exactly zero.
-    naive32 = run_with_grads(lambda *x: softmax_attention(*x, backend="naive", **opts32), *f32, do.float())
+    # The bar is TOL for every output and gradient. dq and dk are sums of terms that cancel when a row's softmax is
+    # (nearly) constant; where the exact answer is identically zero (a single kept key) the error is measured
+    # against the size of those terms (zero_scale). An adaptive bar (4x the error of the naive path in fp32) was
+    # tried and never rose above TOL in 750 random cases of these shapes, so it is not used.
     # each cancelling term ds_ij q_i (or ds_ij k_j) is bounded by 2 scale |do_i| |v_j| max |q|, |k|
     sc = opts.get("scale") or d ** -0.5
     zero_scale = float(2 * sc * do.norm(dim=-1).max() * v.norm(dim=-1).max() * max(q.abs().max(), k.abs().max()))
-    for name, x, r, x_naive in zip(("o", "dq", "dk", "dv"), got, ref, naive32):
+    for name, x, r in zip(("o", "dq", "dk", "dv"), got, ref):
         assert x.dtype == torch.float32
         err = rel_err(x, r, zero_scale=zero_scale)
-        bar = max(TOL, 4 * rel_err(x_naive, r, zero_scale=zero_scale))
-        assert err <= bar, f"{name}: relative error {err:.2e} > {bar:.2e}"
+        assert err <= TOL, f"{name}: relative error {err:.2e} > {TOL:.0e}"
 
 
 SHAPES = st.fixed_dictionaries({
@@ -230,6 +228,20 @@ def test_auto_policy():
     assert choose_backend(small, small, mask=masks.padding([5]), bias=None, softcap=None) == "sdpa"
     assert choose_backend(small, small, mask=None, bias=None, softcap=3.0) == "naive"
     assert 64 * 64 * 2 <= DENSE_LIMIT < 32768**2
+    # below DENSE_LIMIT a sparse spec goes to block_sparse once the sequence is long enough that skipping tiles
+    # beats SDPA over a dense mask (AUTO_MIN_LENGTH_VS_SDPA, measured by hybridattn.bench.auto_policy)
+    window = masks.sliding_window(64) & masks.causal()
+    for t, want in ((128, "sdpa"), (255, "sdpa"), (256, "block_sparse"), (1024, "block_sparse")):
+        x = torch.empty(1, t, 16, 64)
+        assert x.shape[0] * x.shape[2] * t * t <= DENSE_LIMIT
+        assert choose_backend(x, x, mask=window, bias=None, softcap=None) == want, t
+    x = torch.empty(1, 1024, 16, 64)
+    # a bias or softcap, a dense-ish spec, or a tensor mask keep the dense paths
+    assert choose_backend(x, x, mask=window, bias=TensorBias(torch.zeros(1, 1, 1024, 1024)), softcap=None) == "sdpa"
+    assert choose_backend(x, x, mask=window, bias=None, softcap=2.0) == "naive"
+    assert choose_backend(x, x, mask=masks.padding([1000]), bias=None, softcap=None) == "sdpa"
+    tensor_mask = masks.as_mask_spec(torch.ones(1, 1, 1024, 1024, dtype=torch.bool))
+    assert choose_backend(x, x, mask=tensor_mask, bias=None, softcap=None) == "sdpa"
 
 
 @pytest.mark.parametrize(
@@ -343,6 +355,17 @@ def test_flex_refuses_gradients_on_cpu_before_compiling():
     q, k, v = make_qkv(1, 5, 5, 2, 1, 8, 8)
     with pytest.raises(ValueError, match="backend: 'flex' is inference-only on the CPU"):
         softmax_attention(q.requires_grad_(True), k, v, backend="flex")
+
+
+@pytest.mark.slow
+def test_flex_under_no_grad_accepts_inputs_that_require_grad():
+    """The library's own advice for CPU flex (run under no_grad) must work with leaves that require grad: torch's
+    flex_attention rejects such CPU inputs whatever the grad mode, so the backend passes them detached."""
+    q, k, v = (x.requires_grad_(True) for x in make_qkv(1, 9, 9, 4, 2, 8, 8))
+    with torch.no_grad():
+        o = softmax_attention(q, k, v, mask=masks.sliding_window(2), backend="flex")
+    ref = softmax_attention(q.double(), k.double(), v.double(), mask=masks.sliding_window(2), backend="naive")
+    assert rel_err(o, ref.detach()) <= TOL
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ expected and the received value, so that a user sees what to change without read
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -86,6 +87,21 @@ def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected an int {bound}, received {value}")
     return value
+
+
+def check_number(name: str, value, *, positive: bool = False) -> float:
+    """Check a finite real number (``bool`` rejected) and return it as a float; ``positive``: also ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, received {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name}: expected a finite float{' > 0' if positive else ''}, received {value}")
+    return value
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The attention logit scale: ``1 / sqrt(head_dim)`` for ``None``, else a finite float (any sign)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else check_number("scale", scale)
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridattn.ops import _native
-from hybridattn.ops._checks import check_positive_int, check_qkv
+from hybridattn.ops._checks import check_choice, check_positive_int, check_qkv, check_scale
 from hybridattn.ops.block_sparse_plan import (
     BlockGroup, BlockPlan, KeySegment, QueryBlock, cached_plan, native_layout, plan_blocks,
 )
@@ -351,7 +351,7 @@ def block_sparse_attention(q, k, v, mask=None, *, causal: bool = False, scale: f
     for name, size, ref in (("batch size", spec.batch_size, b), ("head count", spec.num_heads, hq)):
         if size not in (None, ref):
             raise ValueError(f"mask: expected a {name} of {ref} (that of q) or 1, received {size}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = check_scale(scale, d)
     if tq == 0 or tk == 0:
         return q.new_zeros(b, tq, hq, dv) + 0 * (q.sum() + k.sum() + v.sum())
     if plan is None:
@@ -375,9 +375,17 @@ class _KeepAll(MaskSpec):
 
 #: specs whose block layout has a closed form, so that judging their density costs O(nblocks^2), not O(T^2)
 _CLOSED_FORM = (Causal, Padding, Document, _DistanceSpec, Fixed, GlobalTokens, BlockSparse, _KeepAll)
-#: ``auto`` prefers this kernel when, judged on tiles of AUTO_BLOCK, at most AUTO_MAX_DENSITY of the tiles are
-#: kept and a query block reads at most AUTO_MAX_TILES key tiles on average (wider masks go to the tiled backend)
+#: ``auto`` prefers this kernel to the tiled backend (above DENSE_LIMIT) when, judged on tiles of AUTO_BLOCK, at
+#: most AUTO_MAX_DENSITY of the tiles are kept and a query block reads at most AUTO_MAX_TILES key tiles on average
+#: (wider masks go to the tiled backend)
 AUTO_BLOCK, AUTO_MAX_DENSITY, AUTO_MAX_TILES = 128, 0.5, 16
+#: below DENSE_LIMIT SDPA with a dense mask competes instead; ``auto`` runs this kernel there from this length on,
+#: when at most AUTO_MAX_DENSITY of the tiles the kernel runs with (``_tiles``) are kept. Measured
+#: (docs/benchmarks.md, "auto backend: block-sparse vs SDPA below DENSE_LIMIT"; 2 threads, D=64): every point from
+#: T=256 with at most half of those tiles kept went to the kernel (2-7x faster at T=1024), also where coarse
+#: 128-tiles look dense (a 32+32 window at T=512 keeps 62% of them but 23% of the 64 x 32 tiles run); BigBird at
+#: T=256 keeping 64% went to SDPA by 1.3-1.4x in the quietest run; at T=128 every spec kept over half its tiles
+AUTO_MIN_LENGTH_VS_SDPA = 256
 #: the tiles the backend runs with at T >= 4 * AUTO_BLOCK (32 x 32 below): 64 query rows keep a block's logits
 #: (8 heads x 64 x ~600 keys) in L2, and 32-key tiles follow a window's edges to 1.12x its kept pairs (1 CPU
 #: thread, T=16K: 64 x 32 measured as fast as 64 x 16 and faster than 128 x 32 or 64 x 64)
@@ -400,23 +408,49 @@ def _described_by_repr(spec) -> bool:
 _PLANS_BY_REPR: dict = {}
 
 
-def prefers_block_sparse(spec: MaskSpec | None, q_len: int, kv_len: int) -> bool:
-    """Whether ``softmax_attention(backend="auto")`` should run this kernel: a spec built only from closed-form
-    parts (windows, global tokens, Sparse Transformer, BigBird, block layouts, causal) that keeps at most half of
-    its tiles, with a bounded number of key tiles per query block. Denser masks gain little from skipping tiles,
-    and wide ones would pay for the gathers in memory; the tiled backend serves both."""
+#: prefers_block_sparse's answers by (spec repr, lengths, rival): ``auto`` asks on every call, and a layer passes
+#: the same pattern each time; building even a closed-form layout costs about as much as a short call's setup
+_PREFERS_BY_REPR: dict = {}
+
+
+def _tiles(q_len: int, kv_len: int) -> tuple[int, int]:
+    """The (block_q, block_k) tiles the ``block_sparse`` backend runs with at these lengths."""
+    return AUTO_TILES if max(q_len, kv_len) >= 4 * AUTO_BLOCK else (32, 32)
+
+
+def prefers_block_sparse(spec: MaskSpec | None, q_len: int, kv_len: int, *, rival: str = "tiled") -> bool:
+    """Whether ``softmax_attention(backend="auto")`` should run this kernel rather than ``rival``: a spec built
+    only from closed-form parts (windows, global tokens, Sparse Transformer, BigBird, block layouts, causal) that
+    keeps few of its tiles, with a bounded number of key tiles per query block.
+
+    ``rival="tiled"`` (above ``DENSE_LIMIT``): judged on ``AUTO_BLOCK`` tiles; denser masks gain little from
+    skipping tiles, and wide ones would pay for the gathers in memory; the tiled backend serves both.
+    ``rival="sdpa"`` (below it, SDPA over a dense mask): ``max(q_len, kv_len) >= AUTO_MIN_LENGTH_VS_SDPA`` and
+    judged on the tiles this kernel runs with, since SDPA computes every tile whatever their size."""
+    check_choice("rival", rival, ("tiled", "sdpa"))
     if spec is None or type(spec) is Causal or not _closed(spec):
         return False
-    kept = (spec.block_layout(q_len, kv_len, AUTO_BLOCK, AUTO_BLOCK) != EMPTY).flatten(0, 1).any(0)  # (nQ, nK)
-    return float(kept.float().mean()) <= AUTO_MAX_DENSITY and float(kept.sum(-1).float().mean()) <= AUTO_MAX_TILES
+    if rival == "sdpa" and max(q_len, kv_len) < AUTO_MIN_LENGTH_VS_SDPA:
+        return False
+    key = (repr(spec), q_len, kv_len, rival) if _described_by_repr(spec) else None
+    if key is not None and key in _PREFERS_BY_REPR:
+        return _PREFERS_BY_REPR[key]
+    block_q, block_k = (AUTO_BLOCK, AUTO_BLOCK) if rival == "tiled" else _tiles(q_len, kv_len)
+    kept = (spec.block_layout(q_len, kv_len, block_q, block_k) != EMPTY).flatten(0, 1).any(0)  # (nQ, nK)
+    wide = float(kept.sum(-1).float().mean()) * block_k / AUTO_BLOCK  # key tiles per query block, AUTO_BLOCK wide
+    answer = float(kept.float().mean()) <= AUTO_MAX_DENSITY and wide <= AUTO_MAX_TILES
+    if key is not None:
+        if len(_PREFERS_BY_REPR) >= 64:
+            _PREFERS_BY_REPR.pop(next(iter(_PREFERS_BY_REPR)))
+        _PREFERS_BY_REPR[key] = answer
+    return answer
 
 
 def _backend(q, k, v, *, mask, bias, scale, softcap):
     """``softmax_attention(backend="block_sparse")``: masks only (no bias or softcap)."""
     if bias is not None or softcap is not None:
         raise ValueError("backend: 'block_sparse' takes a mask only; use backend='tiled' with a bias or softcap")
-    t = max(q.shape[1], k.shape[1])
-    block_q, block_k = AUTO_TILES if t >= 4 * AUTO_BLOCK else (32, 32)
+    block_q, block_k = _tiles(q.shape[1], k.shape[1])
     plan = None
     if mask is not None and _described_by_repr(mask):
         key = (repr(mask), q.shape[1], k.shape[1], block_q, block_k, str(q.device))

@@ -67,6 +67,10 @@ def flex_attention_backend(q, k, v, *, mask: MaskSpec | None, bias: ScoreBias | 
             "backend: 'flex' is inference-only on the CPU (FlexAttention has no CPU backward); received inputs that "
             "require grad. Use backend='tiled' or 'auto', or run under torch.no_grad()"
         )
+    if not needs_grad:
+        # torch's flex_attention rejects CPU inputs with requires_grad even under no_grad(); nothing will
+        # differentiate through this call, so detached views are equivalent
+        q, k, v = q.detach(), k.detach(), v.detach()
     flex, create_block_mask = _compiled_flex()
     tq, tk = q.shape[1], k.shape[1]
     block_mask = None

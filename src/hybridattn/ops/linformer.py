@@ -12,12 +12,11 @@ dim, Kp projected length.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as nnf
 
-from hybridattn.ops._checks import check_qkv, check_same, check_tensor
+from hybridattn.ops._checks import check_qkv, check_same, check_scale, check_tensor
 
 __all__ = ["linformer_attention", "linformer_reference"]
 
@@ -72,7 +71,7 @@ def linformer_attention(q, k, v, E, F, *, causal: bool = False, scale: float | N
         TypeError: non-tensor or non-floating inputs, mismatched dtypes.
     """
     d = _checked(q, k, v, E, F, causal)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = check_scale(scale, d)
     kp, vp = _project(E, k), _project(F, v)  # (B, Kp, Hkv, D)
     o = nnf.scaled_dot_product_attention(q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), scale=scale,
                                        enable_gqa=q.shape[2] != k.shape[2])
@@ -82,7 +81,7 @@ def linformer_attention(q, k, v, E, F, *, causal: bool = False, scale: float | N
 def linformer_reference(q, k, v, E, F, *, scale: float | None = None):
     """Float64 reference: project, then the plain softmax formula with repeated key-value heads."""
     d = _checked(q, k, v, E, F, False)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = check_scale(scale, d)
     g = q.shape[2] // k.shape[2]
     kp = _project(E.double(), k.double()).repeat_interleave(g, dim=2)
     vp = _project(F.double(), v.double()).repeat_interleave(g, dim=2)

@@ -5,14 +5,30 @@ One hashing round ``r``:
 1. bucket of token ``t``: ``argmax([x R_r ; -x R_r])`` with ``x`` the unit-normalised key of ``t`` and ``R_r`` a
    random rotation ``[D, n_buckets / 2]`` (angular LSH). Keys and queries share the bucket of their token
    (Reformer's shared-QK); with ``k=None`` the keys *are* the unit-normalised queries, and a token attends to
-   itself only when nothing else is visible (its self logit is replaced by ``-1e5``, as in Reformer);
+   itself only when nothing else is visible (its self logit is replaced by ``-1e5``, as in Reformer): its
+   weight on itself is ``exp(-1e5 - ...)``, zero in any float format whenever another key is visible;
 2. sort tokens by (bucket, position) and cut the sorted order into chunks of ``chunk_size``;
-3. each query attends to the keys of its own chunk and of the previous chunk (``causal``: only to earlier
-   positions), giving ``o_r`` and the log-normaliser ``lse_r``.
+3. each query attends to the keys of its own chunk and of the previous chunk, the first chunk's previous being
+   the last (Reformer's look-one-back wraps around; with a single chunk there is no other chunk to look at), and
+   with ``causal`` only to keys at its own or earlier positions; this gives ``o_r`` and the log-normaliser
+   ``lse_r``.
 
-Rounds combine as ``o = sum_r exp(lse_r - logsumexp_r lse_r) o_r``, the softmax over the union of the rounds'
-keys (a pair seen in several rounds counts once per round, as in the paper). Cost ``O(n_hashes * T * chunk)``.
-With one bucket and the default chunk (``T / n_buckets``) every token shares one chunk: full attention.
+Rounds combine as ``o = sum_r exp(lse_r - logsumexp_r lse_r) o_r``: the softmax over the rounds' keys in which a
+pair found in ``N_ij`` rounds counts ``N_ij`` times. The paper (App. A) divides such a pair's weight by ``N_ij``
+(subtracts ``log N_ij`` from its logit in every round) so that it counts once, as trax does by default
+(``allow_duplicate_attention=False``); lucidrains' reformer-pytorch defaults to counting it per round, as here.
+The difference only re-weights pairs the hashes agree on, which the rounds' agreement already marks as close.
+
+One bucket with the default chunk (``T / n_buckets``) puts every token in one chunk: with separate keys this is
+full attention; with shared-QK it is full attention *without the self pair* (the self pair is used only by a
+row with no other visible key: the first token under ``causal``).
+
+Causality: with ``causal=True`` no query reads a key at a later position (no gradient flows from ``o[:t]`` to
+later keys), but the buckets and the sort use every token, so a later token can change *which* earlier keys
+share a chunk with an earlier query. As in Reformer, earlier outputs therefore depend on later tokens through the
+hashing; an autoregressive model decoding token by token will not reproduce a full-sequence pass exactly.
+
+Cost ``O(n_hashes * T * chunk)``.
 
 Shape legend: B batch, T length, H query heads, Hkv key-value heads (G = H / Hkv), D head dim, Dv value head dim,
 n chunks of c tokens.
@@ -20,12 +36,11 @@ n chunks of c tokens.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from hybridattn.ops._checks import check_bthd, check_positive_int, check_qkv
+from hybridattn.ops._checks import check_bthd, check_positive_int, check_qkv, check_scale
 
 __all__ = ["lsh_attention", "lsh_attention_reference", "lsh_buckets"]
 
@@ -107,7 +122,7 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
     b, t, h, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     g = h // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = check_scale(scale, d)
     n = -(-t // c)
     pad = n * c - t
     pos = torch.arange(t, device=q.device)
@@ -123,8 +138,9 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
         ps = F.pad(perm, (0, pad), value=-1)  # padded slots: position -1, never visible
         qs = F.pad(qs, (0, 0, 0, 0, 0, pad)).view(b, hkv, n, c, g, d)
         ks, vs = F.pad(ks, (0, 0, 0, pad)).view(b, hkv, n, c, d), F.pad(vs, (0, 0, 0, pad)).view(b, hkv, n, c, dv)
-        # keys of chunk i: chunk i - 1 (none for the first chunk) followed by chunk i
-        prev = lambda x, fill: torch.cat([torch.full_like(x[:, :, :1], fill), x[:, :, :-1]], dim=2)  # noqa: E731
+        # keys of chunk i: chunk i - 1 (the last chunk for the first: Reformer's wrap-around) followed by chunk i;
+        # a single chunk has no other to look at, and rolling it onto itself would count every key twice
+        prev = (lambda x, fill: torch.full_like(x, fill)) if n == 1 else (lambda x, fill: x.roll(1, dims=2))  # noqa: E731
         k_win = torch.cat([prev(ks, 0.0), ks], dim=3)  # (B, Hkv, n, 2c, D)
         v_win = torch.cat([prev(vs, 0.0), vs], dim=3)
         q_pos = ps.view(b, hkv, n, c)
@@ -148,12 +164,13 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
 
 def lsh_attention_reference(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = False, seed: int = 0,
                             chunk_size: int | None = None, scale: float | None = None):
-    """Float64 dense reference: per round, the ``T x T`` mask "same or previous chunk of the sorted order"
-    (chunk of token t = its rank in the (bucket, position) order // chunk), full softmax, lse combination."""
+    """Float64 dense reference: per round, the ``T x T`` mask "same or previous chunk of the sorted order, the
+    first chunk's previous being the last" (chunk of token t = its rank in the (bucket, position) order //
+    chunk), full softmax, lse combination."""
     k, shared, c, buckets = _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size)
     b, t, h, d = q.shape
     g = h // k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = check_scale(scale, d)
     kh = k.double().repeat_interleave(g, dim=2)
     vh = v.double().repeat_interleave(g, dim=2)
     logits = scale * torch.einsum("bthd,bshd->bhts", q.double(), kh)  # (B, H, T, T)
@@ -168,7 +185,8 @@ def lsh_attention_reference(q, k, v, *, n_buckets: int, n_hashes: int = 1, causa
                     rank[bi, hi, j] = r
         chunk = (rank // c).repeat_interleave(g, dim=1)  # (B, H, T)
         diff = chunk[..., :, None] - chunk[..., None, :]
-        keep = (diff == 0) | (diff == 1)
+        n_chunks = -(-t // c)
+        keep = (diff == 0) | (diff == 1) | ((diff == 1 - n_chunks) & (n_chunks > 1))
         if causal:
             keep = keep & (i[None, :] <= i[:, None])
         s = logits.masked_fill(i[:, None] == i[None, :], SELF_LOGIT) if shared else logits

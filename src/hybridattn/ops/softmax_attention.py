@@ -17,9 +17,20 @@ Backends (``backend=``):
   ``O(T * block)``, skips blocks the mask empties, any mask / bias / softcap, recomputing backward.
 - ``flex``: FlexAttention through ``torch.compile`` (``spec.mask_mod`` / ``bias.score_mod``); on the CPU it is
   inference-only.
-- ``auto``: SDPA whenever it can express the call cheaply, the naive path when SDPA cannot and the matrix is
-  small, else ``tiled``; it never builds a ``Tq x Tk`` tensor above ``DENSE_LIMIT`` elements and never picks
-  ``flex`` (compilation costs more than it saves for one call).
+- ``auto``, in order:
+
+  1. SDPA when it needs no dense mask (none, or causal with ``Tq == Tk``) and no softcap, and either the
+     ``B * Hq * Tq * Tk`` matrix is at most ``DENSE_LIMIT`` or SDPA runs a fused kernel (no ``Tq x Tk`` buffer);
+  2. ``block_sparse`` for a sparse mask spec (no bias / softcap) that ``prefers_block_sparse`` accepts (closed
+     form, at most half of its tiles kept): above ``DENSE_LIMIT`` against ``tiled`` (judged on 128 x 128 tiles),
+     and below it from ``max(Tq, Tk) >= 256`` on (judged on the kernel's own tiles), where skipping the emptied
+     tiles beats SDPA over the dense mask (measured: ``python -m hybridattn.bench.auto_policy``, table in
+     ``docs/benchmarks.md``);
+  3. at most ``DENSE_LIMIT``: ``naive`` with a softcap or a half-precision bias, else SDPA with a dense mask;
+  4. else ``tiled``.
+
+  It never builds a ``Tq x Tk`` tensor above ``DENSE_LIMIT`` elements and never picks ``flex`` (compilation
+  costs more than it saves for one call).
 
 Shape legend: B batch, Tq / Tk query / key length, Hq / Hkv query / key-value heads, D head dim of q and k,
 Dv head dim of v.
@@ -27,13 +38,12 @@ Dv head dim of v.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from hybridattn.ops._checks import check_choice, check_qkv
+from hybridattn.ops._checks import check_choice, check_number, check_qkv, check_scale
 from hybridattn.ops.masks import Causal, MaskSpec, as_mask_spec
 from hybridattn.ops.scores import ScoreBias, as_score_bias
 
@@ -46,15 +56,6 @@ DENSE_LIMIT = 2**24
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """bf16 / fp16 inputs accumulate in fp32; fp32 and fp64 keep their own precision."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _check_number(name: str, value, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, received {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name}: expected a finite float{' > 0' if positive else ''}, received {value}")
-    return value
 
 
 def check_spec_dims(name: str, spec, batch: int, heads: int) -> None:
@@ -184,17 +185,18 @@ def choose_backend(q, k, v=None, *, mask, bias, softcap) -> str:
     needs_dense = bias is not None or (mask is not None and not (type(mask) is Causal and tq == tk))
     if softcap is None and not needs_dense and (small or _sdpa_is_fused(q, k, k if v is None else v, mask is not None)):
         return "sdpa"
+    if bias is None and softcap is None and "block_sparse" in BACKENDS:
+        # Sparse specs (windows, BigBird, ...; issue 4) run fastest on the block-sparse kernel, which registers
+        # itself as the "block_sparse" backend when hybridattn.ops is imported. Below DENSE_LIMIT SDPA with a dense
+        # mask computes every tile yet wins on short sequences (one fused call): a measured crossover.
+        from hybridattn.ops.block_sparse_attention import prefers_block_sparse
+
+        if prefers_block_sparse(mask, tq, tk, rival="sdpa" if small else "tiled"):
+            return "block_sparse"
     if small:
         # SDPA takes an additive mask only in q's dtype; half-precision biases would lose precision there.
         half_bias = bias is not None and q.dtype in (torch.float16, torch.bfloat16)
         return "naive" if softcap is not None or half_bias else "sdpa"
-    if bias is None and softcap is None:
-        # Sparse specs (windows, BigBird, ...; issue 4) run fastest on the block-sparse kernel, which
-        # registers itself as the "block_sparse" backend when hybridattn.ops is imported.
-        from hybridattn.ops.block_sparse_attention import prefers_block_sparse
-
-        if "block_sparse" in BACKENDS and prefers_block_sparse(mask, tq, tk):
-            return "block_sparse"
     return "tiled"
 
 
@@ -229,8 +231,8 @@ def softmax_attention(q, k, v, *, causal: bool = False, mask=None, bias=None, sc
     check_choice("backend", backend, ("auto", *BACKENDS))
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, received {type(causal).__name__}")
-    scale = 1.0 / math.sqrt(d) if scale is None else _check_number("scale", scale, positive=False)
-    softcap = None if softcap is None else _check_number("softcap", softcap, positive=True)
+    scale = check_scale(scale, d)
+    softcap = None if softcap is None else check_number("softcap", softcap, positive=True)
 
     spec = None if mask is None else as_mask_spec(mask, "mask")
     if causal:
