@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 from hybridattn.layers.attention import MultiHeadAttention
 from hybridattn.layers.cache import KVCache, SlidingWindowKVCache
 from hybridattn.layers.positions import T5RelativeBias, t5_relative_bucket
+from hybridattn.layers.sparse_attention import PatternAttention
+from hybridattn.ops import masks
 from hybridattn.ops.positions import alibi_slopes
 
 D_MODEL = 30
@@ -29,6 +31,27 @@ CONFIGS = {
 }
 CAUSAL_CONFIGS = [name for name, cfg in CONFIGS.items() if not cfg.get("cross") and cfg.get("causal", True)]
 
+_BLOCKS = torch.rand(8, 8, generator=torch.Generator().manual_seed(5)) < 0.4
+_BIGBIRD = masks.bigbird(1, 1, 1, 2, seed=3, causal=True)
+
+
+def _isin(p, positions):
+    return torch.isin(p, torch.tensor(positions))
+
+
+# name -> (pattern spec, its definition at token positions p (query) and j (key), written out independently);
+# BigBird's random block layout is taken from the spec (its draw is tested in tests/ops), the rest is not
+PATTERNS = {
+    "dilated": (masks.dilated(4, 2), lambda p, j: (p - j >= 0) & (p - j <= 4) & ((p - j) % 2 == 0)),
+    "strided": (masks.strided(3), lambda p, j: ((p - j).abs() < 3) | ((p - j) % 3 == 0)),
+    "longformer": (masks.longformer(2, [0, 5]),
+                   lambda p, j: ((p - j).abs() <= 2) | _isin(p, [0, 5]) | _isin(j, [0, 5])),
+    "global": (masks.global_tokens([1, 4]), lambda p, j: _isin(p, [1, 4]) | _isin(j, [1, 4])),
+    "fixed": (masks.fixed(4, 1), lambda p, j: (p // 4 == j // 4) | (j % 4 >= 3)),
+    "block_sparse": (masks.block_sparse(_BLOCKS, 3), lambda p, j: _BLOCKS[p // 3, j // 3]),
+    "bigbird": (_BIGBIRD, lambda p, j: _BIGBIRD.layout_for(16)[0, 0][p // 2, j // 2]),
+}
+
 
 def make_layer(name, dtype=torch.float64, **extra):
     torch.manual_seed(1)
@@ -49,8 +72,9 @@ def rope_complex(x, pos, theta, n_rot):
     return torch.cat((z.real, z.imag, x[..., n_rot:]), dim=-1)
 
 
-def reference(layer, x, *, token_mask=None, memory=None, memory_mask=None):
-    """Float64 multi-head attention written out from the definitions, with the layer's weights."""
+def reference(layer, x, *, token_mask=None, memory=None, memory_mask=None, pattern=None):
+    """Float64 multi-head attention written out from the definitions, with the layer's weights; ``pattern(p, j)`` is
+    the layer's pattern at token positions (each row's real tokens count from 0)."""
     P = {n: p.double() for n, p in layer.named_parameters()}
     x = x.double()
     b, t, _ = x.shape
@@ -74,8 +98,8 @@ def reference(layer, x, *, token_mask=None, memory=None, memory_mask=None):
     if layer.q_norm is not None:
         q, k = rms(q, P["q_norm.weight"]), rms(k, P["k_norm.weight"])
     real = torch.ones(b, t, dtype=torch.bool) if token_mask is None else token_mask
+    pos = (real.long().cumsum(1) - 1).clamp(min=0)
     if layer.positions == "rope":
-        pos = (real.long().cumsum(1) - 1).clamp(min=0)
         n_rot = int(d * layer.rotary_fraction)
         q, k = rope_complex(q, pos, layer.rope_theta, n_rot), rope_complex(k, pos, layer.rope_theta, n_rot)
     k = k.repeat_interleave(h // hkv, dim=2)
@@ -96,6 +120,8 @@ def reference(layer, x, *, token_mask=None, memory=None, memory_mask=None):
         keep = keep & (j <= i)
     if layer.window is not None:
         keep = keep & (i - j < layer.window)
+    if pattern is not None:
+        keep = keep & pattern(pos[:, None, :, None], pos[:, None, None, :])
     key_valid = memory_mask if layer.cross else token_mask
     if key_valid is not None:
         keep = keep & key_valid[:, None, None, :]
@@ -169,6 +195,54 @@ def _decode(layer, x, prefill, *, token_mask=None, cache=None):
         m = None if token_mask is None else token_mask[:, s:e]
         outs.append(layer(x[:, s:e], cache=cache, token_mask=m))
     return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_pattern_matches_float64_reference_and_padded_rows_attend_as_alone(name):
+    spec, pattern = PATTERNS[name]
+    layer = make_layer("rope-gqa", pattern=spec)
+    x, _ = _inputs("rope-gqa", b=3, t=23)
+    pads = [4, 0, 9]
+    mask = torch.arange(23) >= torch.tensor(pads)[:, None]  # left padding
+    x.requires_grad_(True)
+    y = layer(x, token_mask=mask)
+    ref = reference(layer, x, token_mask=mask, pattern=pattern)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    dy = torch.randn_like(y)
+    inputs = [x, *layer.parameters()]
+    for g1, g0 in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(ref, inputs, dy)):
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-10)
+    # the pattern is evaluated at each row's token positions, not at its slots: a padded row attends as alone
+    with torch.no_grad():
+        for row, pad in enumerate(pads):
+            torch.testing.assert_close(y[row, pad:].detach(), layer(x[row:row + 1, pad:])[0], rtol=1e-10, atol=1e-10)
+
+
+def test_window_is_a_sliding_window_pattern_and_combines_with_a_pattern():
+    x, _ = _inputs("window", t=17)
+    window = make_layer("window")
+    as_pattern = make_layer("window", window=None, pattern=masks.sliding_window(3))
+    torch.testing.assert_close(as_pattern(x), window(x), rtol=0, atol=0)
+    assert as_pattern.new_cache(2).window == window.new_cache(2).window == 4
+    spec, longformer = PATTERNS["longformer"]
+    both = make_layer("window", pattern=spec)  # window=4 AND longformer: the window bounds the global tokens too
+    mask = torch.arange(17) >= torch.tensor([[3], [0]])
+    torch.testing.assert_close(both(x, token_mask=mask), reference(both, x, token_mask=mask, pattern=longformer),
+                               rtol=1e-10, atol=1e-10)
+    cache = both.new_cache(2)
+    assert type(cache) is SlidingWindowKVCache and cache.window == 4  # the smaller of the two reaches
+
+
+def test_pattern_attention_is_multi_head_attention_with_a_required_pattern():
+    spec, _ = PATTERNS["fixed"]
+    old = PatternAttention(D_MODEL, 3, pattern=spec, positions="alibi").double()
+    new = MultiHeadAttention(D_MODEL, 3, pattern=spec, positions="alibi").double()
+    new.load_state_dict(old.state_dict())
+    x, _ = _inputs("rope", t=12)
+    assert isinstance(old, MultiHeadAttention) and old.pattern is spec
+    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="pattern: expected a MaskSpec"):
+        PatternAttention(D_MODEL, 3, pattern=None)
 
 
 @pytest.mark.parametrize("name", CAUSAL_CONFIGS)
@@ -262,6 +336,8 @@ def test_shared_t5_bias_gets_gradients_from_every_layer():
         (dict(d_model=30, n_heads=3, cross=True, positions="rope"), ValueError, "positions"),
         (dict(d_model=30, n_heads=3, cross=True, causal=True), ValueError, "causal"),
         (dict(d_model=30, n_heads=3, causal=False, window=4), ValueError, "window"),
+        (dict(d_model=30, n_heads=3, cross=True, pattern=masks.sliding_window(2)), ValueError, "pattern: a pattern"),
+        (dict(d_model=30, n_heads=3, pattern="window"), TypeError, "pattern: expected a MaskSpec"),
         (dict(d_model=30, n_heads=3, rotary_fraction=0.3), ValueError, "rotary_fraction"),
         (dict(d_model=30, n_heads=3, n_kv_heads=0), ValueError, "n_kv_heads"),
         (dict(d_model=30, n_heads=3, relative_bias=T5RelativeBias(3)), ValueError, "relative_bias: only used"),
@@ -340,20 +416,22 @@ def _layer_case(draw):
     )
     if options["rotary_fraction"] == 0.5 and options["head_dim"] % 4:
         options["head_dim"] *= 2
+    pattern = draw(st.one_of(st.none(), st.sampled_from(sorted(PATTERNS))))
     batch, length = draw(st.integers(1, 3)), draw(st.integers(1, 19))
     pads = [draw(st.integers(0, length - 1)) for _ in range(batch)]
     chunks = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
-    return options, batch, length, pads, chunks
+    return options, pattern, batch, length, pads, chunks
 
 
 @given(_layer_case())
 def test_random_layers_and_chunkings_match_reference(case):
-    options, batch, length, pads, chunks = case
+    options, pattern, batch, length, pads, chunks = case
+    spec, definition = PATTERNS[pattern] if pattern else (None, None)
     torch.manual_seed(3)
-    layer = MultiHeadAttention(D_MODEL, **options).double()
+    layer = MultiHeadAttention(D_MODEL, pattern=spec, **options).double()
     x = torch.randn(batch, length, D_MODEL, dtype=torch.float64)
     mask = torch.arange(length).expand(batch, length) >= torch.tensor(pads)[:, None]  # left padding
-    expected = reference(layer, x, token_mask=mask)
+    expected = reference(layer, x, token_mask=mask, pattern=definition)
     torch.testing.assert_close(layer(x, token_mask=mask), expected, rtol=1e-10, atol=1e-10)
     cache, outs, start, i = layer.new_cache(batch), [], 0, 0
     with torch.no_grad():

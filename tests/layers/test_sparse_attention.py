@@ -113,5 +113,5 @@ def test_whole_sequence_mixers(name, cls):
 def test_options_are_validated():
     with pytest.raises(ValueError, match="mixer_options"):
         build_mixer("dsa", ModelConfig(d_model=32, num_layers=1, layers=["dsa"], mixer_options={"dsa": {"topk": 3}}), 0)
-    with pytest.raises(ValueError, match="window"):
-        PatternAttention(32, 4, pattern=masks.causal(), window=4)
+    # a window restricts the pattern further (their AND), so the cache is the window's ring buffer
+    assert PatternAttention(32, 4, pattern=masks.longformer(8, [0]), window=4).new_cache(1).window == 4

@@ -62,3 +62,13 @@ def test_validation():
         dsa_attention(q, k, v, iq, ik, top_k=4, index_weights=w[:, :, :2])
     with pytest.raises(ValueError, match="top_k"):
         dsa_attention(q, k, v, iq, ik, top_k=0)
+
+
+@pytest.mark.parametrize("scale, err, match", [("x", TypeError, "scale: expected a float"),
+                                               (float("nan"), ValueError, "scale: expected a finite float")])
+def test_scale_is_validated(scale, err, match):
+    q, k, v, iq, ik, w = _inputs()
+    with pytest.raises(err, match=match):
+        dsa_attention(q, k, v, iq, ik, top_k=4, scale=scale)
+    with pytest.raises(err, match=match):
+        dsa_attention_reference(q, k, v, iq, ik, top_k=4, scale=scale)

@@ -1,5 +1,5 @@
 """Multi-head softmax attention as a mixer: GQA, RoPE / ALiBi / T5 / NoPE, the Qwen3-Next options (output gate,
-q/k RMSNorm, partial RoPE), sliding windows, cross-attention, and KV caches for decoding.
+q/k RMSNorm, partial RoPE), sliding windows and sparse patterns, cross-attention, and KV caches for decoding.
 
 Per call (self-attention)::
 
@@ -8,10 +8,17 @@ Per call (self-attention)::
     q, k    = norm(q), norm(k)              # qk_norm: RMSNorm over D, per head
     q, k    = rope(q, pos), rope(k, pos)    # pos counts real tokens, continuing the cache
     k, v    = cache.update(k, v)            # all cached keys, the new ones last
-    o       = softmax_attention(q, k, v)    # causal aligned bottom-right, padding and window masked
+    o       = softmax_attention(q, k, v)    # causal aligned bottom-right, padding and pattern masked
     y       = o_proj(o * sigmoid(gate))     # [B, T, d_model]
 
-Shape legend: B batch, T tokens of this call, Tm memory length, H query heads, Hkv key/value heads, D head dim.
+A pattern (``pattern=masks.longformer(256, [0])``, ``window=W``) is a mask spec of token positions: each row's
+real tokens count from 0, whatever its left padding or what the cache dropped, so a padded row attends as it
+would alone. The cache follows the pattern's reach (:meth:`hybridattn.ops.masks.MaskSpec.reach`): a ring buffer
+of ``lookback + 1`` keys when the reach is bounded, plus the pinned global tokens when there are some, otherwise
+the growing ``KVCache``.
+
+Shape legend: B batch, T tokens of this call, L cached keys, Tm memory length, H query heads, Hkv key/value heads,
+D head dim.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hybridattn.layers.cache import Cache, KVCache, SlidingWindowKVCache, check_token_mask, token_positions
+from hybridattn.layers.cache import (
+    Cache, KVCache, PinnedWindowKVCache, SlidingWindowKVCache, check_token_mask, slot_positions, token_positions,
+)
 from hybridattn.layers.norms import RMSNorm
 from hybridattn.layers.positions import T5RelativeBias
 from hybridattn.layers.short_conv import check_left_padding
 from hybridattn.ops._checks import check_choice, check_heads_divisible, check_positive_int, check_tensor
-from hybridattn.ops.masks import TensorMask
+from hybridattn.ops.masks import MaskSpec, Reach, TensorMask, as_mask_spec, at_positions
 from hybridattn.ops.positions import ALiBi, alibi_slopes, apply_rotary, check_rope_scaling, rotary_dim
 from hybridattn.ops.softmax_attention import softmax_attention
 from hybridattn.ops.sparse_masks import sliding_window
@@ -55,8 +64,12 @@ class MultiHeadAttention(nn.Module):
             width ``2 * H * D`` with ``[q_h, gate_h]`` side by side per head, the Hugging Face Qwen3-Next layout.
         cross: attend to ``memory`` (encoder output) instead of ``x``; keys/values come from the memory.
         bias: biases on the four projections.
-        window: sliding window (keys ``pos_q - window < j <= pos_q``); its cache is a ring buffer of ``window``
-            slots. Requires causal self-attention.
+        window: sliding window (keys ``pos_q - window < j <= pos_q``): shorthand for
+            ``pattern=masks.sliding_window(window - 1)``; with a ``pattern`` as well, both apply (their AND). Its
+            cache is a ring buffer of ``window`` slots. Requires causal self-attention.
+        pattern: a mask spec of token positions (:mod:`hybridattn.ops.masks`: ``sliding_window``, ``dilated``,
+            ``longformer``, ``bigbird(..., causal=True)``, ``fixed``, ``block_sparse``... combined with ``&`` /
+            ``|``), ANDed with causal and padding. Positions count each row's real tokens. Self-attention only.
         backend: passed to :func:`hybridattn.ops.softmax_attention` ("auto", "naive", "sdpa", "tiled", "flex").
         scale: logit scale; None = ``D ** -0.5``.
         softcap: optional logit softcap.
@@ -66,7 +79,8 @@ class MultiHeadAttention(nn.Module):
 
     Raises:
         ValueError: inconsistent sizes (``d_model`` vs heads, ``n_heads % n_kv_heads``), an unknown position
-            scheme, a window without causal self-attention, positions on cross-attention.
+            scheme, a window without causal self-attention, a pattern or positions on cross-attention.
+        TypeError: ``pattern`` is not a mask spec or bool tensor.
     """
 
     def __init__(
@@ -88,6 +102,7 @@ class MultiHeadAttention(nn.Module):
         cross: bool = False,
         bias: bool = False,
         window: int | None = None,
+        pattern: MaskSpec | None = None,
         backend: str = "auto",
         scale: float | None = None,
         softcap: float | None = None,
@@ -123,6 +138,15 @@ class MultiHeadAttention(nn.Module):
             if not self.causal:
                 raise ValueError(f"window: a sliding window needs causal self-attention, received causal={self.causal}")
         self.window = window
+        self.pattern = None if pattern is None else as_mask_spec(pattern, "pattern")
+        if self.pattern is not None and self.cross:
+            raise ValueError("pattern: a pattern of token positions needs self-attention, received cross=True")
+        #: what the layer masks (pattern AND window) and how far back it reaches, or None without either
+        self._spec = self.pattern
+        if window is not None:
+            in_window = sliding_window(window - 1)  # W keys: the query itself and W - 1 before it
+            self._spec = in_window if self._spec is None else self._spec & in_window
+        self._reach = None if self._spec is None else self._spec.reach()
         self.rope_theta, self.rotary_fraction = rope_theta, rotary_fraction
         self.rope_scaling = None
         if self.positions == "rope":
@@ -160,15 +184,22 @@ class MultiHeadAttention(nn.Module):
 
     # -- the mixer protocol --------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, *, device=None, dtype=None) -> Cache:
-        """An empty cache for ``batch_size`` rows: a ring buffer with a window, a growing KV cache otherwise
-        (for cross-attention it holds the memory's keys/values)."""
+        """An empty cache for ``batch_size`` rows that follows the pattern's reach: a ring buffer of
+        ``lookback + 1`` slots when it is bounded (a window), the same plus the pinned global tokens
+        (Longformer), a growing KV cache otherwise (for cross-attention it holds the memory's keys/values).
+
+        Raises:
+            ValueError: a pattern that cannot be decoded token by token (see ``_decode_reach``).
+        """
         device = self.k_proj.weight.device if device is None else device
         dtype = self.k_proj.weight.dtype if dtype is None else dtype
-        if self.window is not None:
-            return SlidingWindowKVCache(
-                batch_size, self.n_kv_heads, self.head_dim, self.window, device=device, dtype=dtype
-            )
-        return KVCache(batch_size, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
+        sizes = (batch_size, self.n_kv_heads, self.head_dim)
+        reach = self._decode_reach()
+        if reach.lookback is None:
+            return KVCache(*sizes, device=device, dtype=dtype)
+        if reach.pinned:
+            return PinnedWindowKVCache(*sizes, reach.lookback + 1, reach.pinned, device=device, dtype=dtype)
+        return SlidingWindowKVCache(*sizes, reach.lookback + 1, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -227,7 +258,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v,
             # one query after all its keys sees every key under the bottom-right causal mask, so skip the mask
             causal=self.causal and t > 1,
-            mask=self._mask(key_valid),
+            mask=self._mask(key_valid, self._pattern_at(t, k.shape[1], cache, token_mask)),
             bias=self._bias(),
             scale=self.scale,
             softcap=self.softcap,
@@ -254,14 +285,37 @@ class MultiHeadAttention(nn.Module):
         if not (self.causal or self.cross):
             # earlier tokens would have to see later ones, which a cache of the past cannot give them
             raise ValueError("cache: incremental decoding needs causal self-attention; this layer has causal=False")
-        if isinstance(cache, SlidingWindowKVCache) and (self.window is None or cache.window < self.window):
-            # a ring buffer shorter than the attention span would silently drop keys the layer must see
-            expected = "a KVCache"
-            if self.window is not None:
-                expected += f" or a SlidingWindowKVCache of window >= {self.window}"
+        reach = self._decode_reach()
+        if isinstance(cache, SlidingWindowKVCache):
+            # a ring buffer shorter than the pattern's reach would silently drop keys the layer must see
+            pinned = cache.pinned if isinstance(cache, PinnedWindowKVCache) else ()
+            if reach.lookback is None or cache.window <= reach.lookback or not set(reach.pinned) <= set(pinned):
+                expected = "a KVCache"
+                if reach.lookback is not None:
+                    kind = "PinnedWindowKVCache" if reach.pinned else "SlidingWindowKVCache"
+                    expected += f" or a {kind} of window >= {reach.lookback + 1}"
+                    if reach.pinned:
+                        expected += f" pinning positions {list(reach.pinned)}"
+                received = f"of window {cache.window}" + (f" pinning {list(pinned)}" if pinned else "")
+                raise ValueError(f"cache: expected {expected} for this layer, received a {type(cache).__name__} "
+                                 f"{received}")
+
+    def _decode_reach(self) -> Reach:
+        """What the cache must keep: the pattern's reach, unbounded without a pattern. Raises ValueError for a
+        pattern that a cache cannot continue."""
+        if self._reach is None:
+            return Reach()
+        if not self._reach.prefix_stable:
+            # the pairs kept among the first N tokens would change as the sequence grows, so a decoded token would
+            # not attend as in the full forward (e.g. BigBird drawing random blocks among future ones)
             raise ValueError(
-                f"cache: expected {expected} for this layer, received a SlidingWindowKVCache of window {cache.window}"
+                "pattern: incremental decoding needs a pattern whose kept pairs do not depend on the sequence "
+                f"length (e.g. masks.bigbird(..., causal=True), not causal=False), received {self._spec!r}"
             )
+        if self._reach.pinned and self.positions in ("alibi", "t5"):
+            # these biases follow column distances, which pinned keys in front of the window would break
+            return Reach()
+        return self._reach
 
     def _queries(self, x):
         b, t = x.shape[:2]
@@ -296,18 +350,31 @@ class MultiHeadAttention(nn.Module):
         cache.clear()
         return cache.update(k, v, memory_mask)
 
-    def _mask(self, key_valid):
-        specs = []
-        if key_valid is not None:
-            specs.append(TensorMask(key_valid[:, None, None, :]))  # (B, 1, 1, Tk)
-        if self.window is not None:
-            specs.append(sliding_window(self.window - 1))  # W keys: the query itself and W - 1 before it
-        if not specs:
+    def _pattern_at(self, t: int, num_keys: int, cache, token_mask) -> MaskSpec | None:
+        """The pattern for this call's ``T`` queries and ``L`` keys. Key columns are cache slots; a pattern tied to
+        absolute positions (global tokens, blocks) is evaluated at each row's token positions instead, which differ
+        from the slots under left padding, once a ring buffer dropped old keys, or with pinned keys in front. A
+        relative pattern (windows) over consecutive slots needs no positions: the fast path."""
+        if self._spec is None:
             return None
-        mask = specs[0]
-        for spec in specs[1:]:
-            mask = mask & spec
-        return mask
+        if cache is None:
+            if token_mask is None or self._reach.relative:
+                return self._spec
+            positions = slot_positions(token_mask.sum(1), t)  # (B, T), padding negative
+            return at_positions(self._spec, positions, positions, length=t)
+        if cache.consecutive and self._reach.relative:
+            return self._spec
+        positions = cache.key_positions(num_keys)  # (B|1, L), or None when the slots are the positions
+        if positions is None:
+            return self._spec
+        return at_positions(self._spec, positions[:, num_keys - t:], positions, length=cache.seen_tokens)
+
+    @staticmethod
+    def _mask(key_valid, pattern):
+        if key_valid is None:
+            return pattern
+        valid = TensorMask(key_valid[:, None, None, :])  # (B, 1, 1, L)
+        return valid if pattern is None else valid & pattern
 
     def _bias(self):
         if self.positions == "alibi":
@@ -325,9 +392,9 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"rope_theta={self.rope_theta}, rotary_fraction={self.rotary_fraction}")
             if self.rope_scaling is not None:
                 parts.append(f"rope_scaling={self.rope_scaling}")
-        for name in ("output_gate", "cross", "window"):
+        for name in ("output_gate", "cross", "window", "pattern"):
             if getattr(self, name):
-                parts.append(f"{name}={getattr(self, name)}")
+                parts.append(f"{name}={getattr(self, name)!r}")
         return ", ".join(parts)
 
 

@@ -5,11 +5,16 @@ the next call continues where this one stopped. Calls may carry a ``token_mask``
 padding): padding is stored (so every row of the batch advances by the same number of slots) but marked invalid,
 and it does not advance the row's count of real tokens, which gives RoPE its positions.
 
-- :class:`Cache`: base, ``seen_tokens`` (tokens consumed incl. padding) and ``nbytes()``.
+- :class:`Cache`: base, ``seen_tokens`` (tokens consumed incl. padding), ``nbytes()`` and ``reset()``.
 - :class:`KVCache`: keys/values that grow by appended tokens. Storage is preallocated and doubles when full, so
   appending ``N`` tokens one at a time costs ``O(N)`` copies in total, not ``O(N^2)`` as ``torch.cat`` per step.
 - :class:`SlidingWindowKVCache`: a ring buffer of the last ``W`` keys/values, for sliding-window attention; memory
   stays ``O(W)`` however long the sequence.
+- :class:`PinnedWindowKVCache`: that ring buffer plus the keys/values at a few fixed token positions (Longformer's
+  global tokens), which every later query may see.
+
+KV caches return keys in time order, so a column is a token slot; ``key_positions`` maps the columns of the last
+``update`` to each row's token positions (real tokens counted, padding negative) for patterns tied to positions.
 
 Caches are for inference: they copy keys/values into preallocated storage in place, so run them under
 ``torch.no_grad()`` (training calls pass ``cache=None``).
@@ -37,6 +42,12 @@ class Cache:
     def nbytes(self) -> int:
         """Bytes of the tensors this cache holds (allocated capacity, not only the used part)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def reset(self) -> None:
+        """Forget every token consumed, keeping the storage, so the cache can serve new sequences of the same batch
+        size. Every cache implements it; the base class cannot know what a subclass remembers besides its tensors."""
+        raise NotImplementedError(f"{type(self).__name__}.reset: every cache must implement reset() "
+                                  "(docs/dev/CONTRACTS.md)")
 
 
 def check_token_mask(token_mask, batch: int, seq_len: int, device) -> torch.Tensor | None:
@@ -74,6 +85,12 @@ def token_positions(token_mask: torch.Tensor | None, seq_len: int, *, start: tor
     return pos if start is None else start.unsqueeze(1) + pos
 
 
+def slot_positions(real_tokens: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``[B, L]`` token positions of the last ``L`` slots of left-padded rows that hold ``real_tokens`` ``[B]``
+    real tokens so far: the newest slot is ``real_tokens - 1`` and padding slots are negative."""
+    return real_tokens.unsqueeze(1) - num_slots + torch.arange(num_slots, device=real_tokens.device)
+
+
 class _KVBase(Cache):
     """Shared bookkeeping of the key/value caches: shapes, per-row real-token counts, validity of slots."""
 
@@ -91,6 +108,26 @@ class _KVBase(Cache):
     @property
     def device(self) -> torch.device:
         return self.real_tokens.device
+
+    def reset(self) -> None:
+        self.seen_tokens = 0
+        self.real_tokens.zero_()
+        self._has_padding = False
+
+    @property
+    def consecutive(self) -> bool:
+        """Whether the last ``update`` returned consecutive token slots (no pinned keys in front of them)."""
+        return True
+
+    def key_positions(self, num_keys: int) -> torch.Tensor | None:
+        """Token positions of the ``num_keys`` keys the last ``update`` returned (the newest slots, in time order):
+        ``[B, L]`` when some row is padded, ``[1, L]`` otherwise, or None when they are ``0 .. L - 1`` in every
+        row (the columns are the positions)."""
+        if self._has_padding:
+            return slot_positions(self.real_tokens, num_keys)
+        if num_keys == self.seen_tokens:
+            return None
+        return (self.seen_tokens - num_keys + torch.arange(num_keys, device=self.device)).unsqueeze(0)
 
     def positions(self, seq_len: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T]`` RoPE positions of the next call's tokens, continuing each row's count of real tokens."""
@@ -178,12 +215,14 @@ class KVCache(_KVBase):
         key_valid = self.valid[:, : self.length] if self._has_padding else None
         return self.k[:, : self.length], self.v[:, : self.length], key_valid
 
-    def clear(self) -> None:
-        """Forget every token (storage is kept)."""
-        self.length = self.seen_tokens = 0
-        self.real_tokens.zero_()
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
         self.valid.zero_()
-        self._has_padding = False
+
+    def clear(self) -> None:
+        """The name :meth:`reset` had before it joined the cache protocol."""
+        self.reset()
 
 
 class SlidingWindowKVCache(_KVBase):
@@ -206,6 +245,10 @@ class SlidingWindowKVCache(_KVBase):
     def tensors(self):
         return [self.k, self.v, self.valid, self.real_tokens]
 
+    def reset(self) -> None:
+        super().reset()
+        self.valid.zero_()
+
     @property
     def filled(self) -> int:
         return min(self.seen_tokens, self.window)
@@ -225,6 +268,76 @@ class SlidingWindowKVCache(_KVBase):
         self.v[:, slots] = v[:, t - keep :]
         self.valid[:, slots] = new_valid[:, t - keep :]
         return k_all, v_all, valid_all if self._has_padding else None
+
+
+class PinnedWindowKVCache(SlidingWindowKVCache):
+    """A :class:`SlidingWindowKVCache` of the last ``window`` keys/values plus the keys/values at the token positions
+    ``pinned`` (Longformer's global tokens), which every later query may see however far back they are.
+
+    Positions count each row's real tokens (as RoPE does), so a left-padded row pins its own tokens. ``update``
+    returns the pinned keys that have left the window first (a key still in the window is returned once, from the
+    window), then the window's keys as :class:`SlidingWindowKVCache` does; ``key_positions`` gives every column's
+    position, so the caller evaluates its pattern there. Storage: ``window + len(pinned)`` slots.
+    """
+
+    def __init__(self, batch_size, num_heads, head_dim, window: int, pinned, *, device=None, dtype=torch.float32):
+        super().__init__(batch_size, num_heads, head_dim, window, device=device, dtype=dtype)
+        try:
+            pinned = sorted({int(p) for p in pinned})
+        except (TypeError, ValueError):
+            raise TypeError(f"pinned: expected an iterable of int token positions, received {pinned!r}") from None
+        if pinned and pinned[0] < 0:
+            raise ValueError(f"pinned: expected token positions >= 0, received {pinned}")
+        self.pinned = tuple(pinned)
+        self._pinned_at = torch.tensor(pinned, dtype=torch.long, device=self.device)  # (G,)
+        self.pinned_k = torch.zeros(batch_size, len(pinned), num_heads, head_dim, device=device, dtype=dtype)
+        self.pinned_v = torch.zeros_like(self.pinned_k)
+        self.pinned_valid = torch.zeros(batch_size, len(pinned), dtype=torch.bool, device=device)
+        self._returned = self._pinned_at[None, :0]  # positions of the pinned columns the last update returned
+
+    def tensors(self):
+        return super().tensors() + [self.pinned_k, self.pinned_v, self.pinned_valid]
+
+    def reset(self) -> None:
+        super().reset()
+        self.pinned_valid.zero_()
+        self._returned = self._pinned_at[None, :0]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None):
+        k_win, v_win, valid_win = super().update(k, v, token_mask)
+        t, n_win = k.shape[1], k_win.shape[1]
+        if t:
+            # store the new tokens that sit at pinned positions: (B, T, G) matches, at most one per row and position
+            hit = slot_positions(self.real_tokens, t)[:, :, None] == self._pinned_at
+            found = hit.any(1)  # (B, G)
+            src = hit.long().argmax(1)[:, :, None, None].expand(-1, -1, *self.pinned_k.shape[2:])
+            self.pinned_k.copy_(torch.where(found[..., None, None], k.gather(1, src), self.pinned_k))
+            self.pinned_v.copy_(torch.where(found[..., None, None], v.gather(1, src), self.pinned_v))
+            self.pinned_valid |= found
+        if not self._has_padding:
+            # every row has the same positions, so the pinned keys older than the window are known without a sync
+            older = [i for i, p in enumerate(self.pinned) if p < self.seen_tokens - n_win]
+            self._returned = self._pinned_at[older][None]  # (1, G')
+            return (torch.cat((self.pinned_k[:, older], k_win), 1), torch.cat((self.pinned_v[:, older], v_win), 1),
+                    None)
+        first = (self.real_tokens - n_win)[:, None]  # (B, 1) position of the window's oldest column
+        live = self.pinned_valid & (self._pinned_at < first)  # (B, G)
+        self._returned = torch.where(live, self._pinned_at, -1)
+        return (torch.cat((self.pinned_k, k_win), 1), torch.cat((self.pinned_v, v_win), 1),
+                torch.cat((live, valid_win), 1))
+
+    @property
+    def consecutive(self) -> bool:
+        return self._returned.shape[1] == 0
+
+    def key_positions(self, num_keys: int) -> torch.Tensor | None:
+        n_pinned = self._returned.shape[1]
+        window = super().key_positions(num_keys - n_pinned)
+        if n_pinned == 0:
+            return window
+        if window is None:
+            window = torch.arange(num_keys - n_pinned, device=self.device).unsqueeze(0)
+        return torch.cat((self._returned.expand(window.shape[0], -1), window), 1)
 
 
 class RecurrentCache(Cache):
@@ -253,6 +366,12 @@ class RecurrentCache(Cache):
 
     def tensors(self):
         return [t for t in (self.state, self.conv_tail, self.real_tokens) if t is not None]
+
+    def reset(self) -> None:
+        # a fresh sequence starts from a zero state and a zero conv tail (what new_cache builds)
+        self.seen_tokens = 0
+        for t in self.tensors():
+            t.zero_()
 
     def advance(self, state: torch.Tensor, seq_len: int, token_mask: torch.Tensor | None = None) -> None:
         """Store the state after a call of ``seq_len`` tokens (copied in place, in the cache's dtype)."""

@@ -103,6 +103,16 @@ def load_balancing_loss(router_logits: torch.Tensor | Sequence[torch.Tensor], to
     return num_experts * ((assigned / rows) * (prob_sum / rows)).sum()
 
 
+def pooled_load_balancing_loss(layers: Sequence["MoEFeedForward"]) -> torch.Tensor | None:
+    """The load-balancing loss of several MoE layers' last forwards pooled into one, as transformers'
+    ``load_balancing_loss_func`` pools a model's layers (the padding mask of the first layer that ran applies:
+    in one model every layer sees the same tokens). None when no layer has run."""
+    ran = [m for m in layers if m.router_logits is not None]
+    if not ran:
+        return None
+    return load_balancing_loss([m.router_logits for m in ran], ran[0].top_k, token_mask=ran[0]._aux_mask)
+
+
 class MoEFeedForward(nn.Module):
     """Sparse mixture-of-experts SwiGLU feed-forward with an optional gated shared expert.
 

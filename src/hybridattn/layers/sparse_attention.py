@@ -1,9 +1,7 @@
-"""Mask patterns on softmax attention: :class:`PatternAttention`, ``MultiHeadAttention`` whose scores are
-restricted by a mask spec (Longformer's window + global tokens, BigBird, Sparse Transformer patterns...), following
-the mixer protocol of docs/dev/CONTRACTS.md. Long sequences run on the block-sparse kernel through
-``softmax_attention``'s ``auto`` backend. Its cache is the growing ``KVCache``: positions in the pattern are cache
-slots, so decoding continues the pattern exactly (a plain sliding window uses ``MultiHeadAttention(window=W)`` and
-its ring buffer of ``W`` slots instead).
+"""Mask patterns on softmax attention: :class:`PatternAttention`, the name under which ``MultiHeadAttention`` took a
+``pattern`` before the option moved into it (``MultiHeadAttention(pattern=masks.longformer(256, [0]))``). The
+mixer factories (``longformer``, ``bigbird``) build it; everything it does is ``MultiHeadAttention``'s: positions
+in the pattern count each row's real tokens, and the cache follows the pattern's reach.
 
 DeepSeek Sparse Attention is in :mod:`hybridattn.layers.dsa_attention`; Linformer and Reformer LSH attention in
 :mod:`hybridattn.layers.whole_sequence_attention`.
@@ -12,35 +10,25 @@ DeepSeek Sparse Attention is in :mod:`hybridattn.layers.dsa_attention`; Linforme
 from __future__ import annotations
 
 from hybridattn.layers.attention import MultiHeadAttention
-from hybridattn.ops.masks import MaskSpec, as_mask_spec
+from hybridattn.ops.masks import MaskSpec
 
 __all__ = ["PatternAttention"]
 
 
 class PatternAttention(MultiHeadAttention):
-    """``MultiHeadAttention`` restricted to the pairs a mask spec keeps (ANDed with causal and padding).
+    """``MultiHeadAttention`` whose ``pattern`` is required.
 
     Args:
         d_model, n_heads: as :class:`MultiHeadAttention`.
         pattern: a ``MaskSpec`` such as ``masks.longformer(256, [0])`` or ``masks.bigbird(..., causal=True)``.
-        **kwargs: the other options of :class:`MultiHeadAttention` except ``window``.
+        **kwargs: the other options of :class:`MultiHeadAttention` (``window=W`` restricts the pattern further).
 
     Raises:
-        TypeError: ``pattern`` is not a mask spec or bool tensor.
-        ValueError: ``window`` given as well (use ``masks.sliding_window`` inside the pattern instead).
+        TypeError: ``pattern`` is not a mask spec or bool tensor (None included).
     """
 
     def __init__(self, d_model: int, n_heads: int, *, pattern: MaskSpec, **kwargs):
-        if kwargs.get("window") is not None:
-            raise ValueError("window: PatternAttention takes the window inside its pattern "
-                             f"(masks.sliding_window(W - 1) & ...), received window={kwargs['window']}")
-        super().__init__(d_model, n_heads, **kwargs)
-        self.pattern = as_mask_spec(pattern, "pattern")
-
-    def _mask(self, key_valid):
-        # the parent's mask covers padding; the pattern applies on top (causal is added by softmax_attention)
-        base = super()._mask(key_valid)
-        return self.pattern if base is None else base & self.pattern
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, pattern={self.pattern!r}"
+        if pattern is None:
+            raise TypeError("pattern: expected a MaskSpec from hybridattn.ops.masks or a bool tensor, received None "
+                            "(MultiHeadAttention takes no pattern)")
+        super().__init__(d_model, n_heads, pattern=pattern, **kwargs)

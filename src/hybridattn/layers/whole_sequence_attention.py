@@ -78,15 +78,30 @@ class LinformerAttention(_WholeSequenceMixer):
 
 class LSHAttention(_WholeSequenceMixer):
     """Reformer mixer: shared-QK LSH attention (``n_buckets``, ``n_hashes`` rounds, chunks of ``T / n_buckets``).
-    Bucketing depends on the whole sequence, so there is no incremental form and padding is not supported."""
+    Bucketing depends on the whole sequence, so there is no incremental form and padding is not supported. Even
+    with ``causal=True`` (keys after the query masked) an output depends on later tokens, which move the bucket
+    and chunk boundaries; the registry marks ``lsh`` non-causal for that reason.
+
+    Raises:
+        ValueError / TypeError: ``n_buckets`` not 1 or a positive even int, ``n_hashes`` not a positive int,
+            ``seed`` not an int >= 0, ``causal`` not a bool.
+    """
 
     no_cache_reason = "LSH buckets and chunks depend on the whole sequence"
 
     def __init__(self, d_model: int, n_heads: int, *, n_buckets: int = 8, n_hashes: int = 2, causal: bool = True,
                  seed: int = 0, bias: bool = False):
         super().__init__(d_model, n_heads)
-        self.n_buckets, self.n_hashes = n_buckets, n_hashes
-        self.causal, self.seed = bool(causal), seed
+        # validated here as ops.lsh_attention requires, so that a bad value fails at construction, not at forward
+        self.n_buckets = check_positive_int("n_buckets", n_buckets)
+        if n_buckets > 1 and n_buckets % 2:
+            raise ValueError(f"n_buckets: expected 1 or an even number (angular LSH uses +-rotations), "
+                             f"received {n_buckets}")
+        self.n_hashes = check_positive_int("n_hashes", n_hashes)
+        self.seed = check_positive_int("seed", seed, allow_zero=True)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, received {type(causal).__name__}")
+        self.causal = causal
         self.qk_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)

@@ -39,6 +39,11 @@ def _check_choice(name: str, value, choices) -> None:
         raise _err(name, f"one of {tuple(choices)}", value)
 
 
+def _check_coef(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise _err(name, "a float >= 0", value)
+
+
 @dataclass
 class AttentionConfig:
     """Softmax layers (mixer ``attention``)."""
@@ -167,6 +172,7 @@ class MoEConfig:
         _check_int("moe.moe_intermediate_size", self.moe_intermediate_size)
         _check_int("moe.shared_expert_intermediate_size", self.shared_expert_intermediate_size, minimum=0)
         _check_int("moe.decoder_sparse_step", self.decoder_sparse_step)
+        _check_coef("moe.router_aux_loss_coef", self.router_aux_loss_coef)
 
     def is_sparse(self, layer_idx: int) -> bool:
         return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
@@ -192,7 +198,12 @@ class ModelConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     moe: MoEConfig | None = None       # when set, sparse layers (moe.is_sparse) use the "moe" feed-forward
-    mixer_options: dict[str, dict] = field(default_factory=dict)  # options of user-registered mixers
+    mixer_options: dict[str, dict] = field(default_factory=dict)  # per-mixer options, e.g. {"dsa": {"top_k": 64}}
+    # weight of the DSA indexer's KL loss in HybridLM.aux_loss. Only the indexer receives its gradient and only
+    # from it (DeepSeek-V3.2 trains the indexer separately), so under Adam the weight mostly sets the indexer's
+    # share of the clipped gradient norm; 1.0 adds it as DeepSeek does. 0 still computes it (zero gradients keep
+    # DDP's every-parameter-used check satisfied) but leaves the indexer at its initialisation.
+    indexer_aux_loss_coef: float = 1.0
     norm: str = "rms"                  # "rms": x/rms(x)*w; "rms_zero_centred": x/rms(x)*(1+w) (Qwen3-Next)
     norm_eps: float = 1e-6
     tie_embeddings: bool = True        # lm_head shares the embedding matrix
@@ -214,7 +225,7 @@ class ModelConfig:
 
     # -- validation and derived values -------------------------------------------------------------------
     def validate(self) -> None:
-        from hybridattn.layers.registry import available_mixers
+        from hybridattn.layers.registry import available_mixers, mixer_entry
 
         _check_int("vocab_size", self.vocab_size)
         _check_int("d_model", self.d_model)
@@ -233,6 +244,15 @@ class ModelConfig:
         for i, name in enumerate(types):
             if name not in known:
                 raise _err(f"layers[{i}]", f"a registered mixer {tuple(known)}", name)
+        if not isinstance(self.mixer_options, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.mixer_options.items()):
+            raise _err("mixer_options", "a dict of {mixer name: dict of options}", self.mixer_options)
+        for name, given in self.mixer_options.items():
+            accepted = mixer_entry(name).options if name in known else None  # a mixer registered later: unchecked
+            unknown = sorted(set(given) - set(accepted or ()))
+            if accepted is not None and unknown:
+                raise _err(f"mixer_options[{name!r}]", f"keys among {sorted(accepted)}", unknown)
+        _check_coef("indexer_aux_loss_coef", self.indexer_aux_loss_coef)
         if any(n != self.softmax_mixer for n in types) or self.linear_mixer in types:
             self.linear.validate(self.d_model)
         self.attention.validate(self.d_model)
@@ -242,13 +262,22 @@ class ModelConfig:
             self.moe.validate()
         if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
             raise _err("initializer_range", "a float > 0", self.initializer_range)
-        if not isinstance(self.mixer_options, dict) or not all(
-                isinstance(k, str) and isinstance(v, dict) for k, v in self.mixer_options.items()):
-            raise _err("mixer_options", "a dict of {mixer name: dict of options}", self.mixer_options)
         if not isinstance(self.source_fields, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) and set(v) <= {"source", "mapped"}
                 for k, v in self.source_fields.items()):
             raise _err("source_fields", 'a dict of {field name: {"source": ..., "mapped": ...}}', self.source_fields)
+
+    def check_decoder_layout(self) -> None:
+        """Raise ``ValueError`` naming ``layers[i]`` when a layer's mixer is not causal (registered with
+        ``causal=False``, e.g. Linformer, LSH): a decoder-only model trained on next-token loss would see the
+        future through it. ``HybridLM`` and the memory planner call this; the config itself stays valid so that
+        such mixers can still be built from it as standalone modules."""
+        from hybridattn.layers.registry import is_causal_mixer
+
+        for i, name in enumerate(self.layer_types):
+            if not is_causal_mixer(name):
+                raise _err(f"layers[{i}]", "a causal mixer: a decoder-only HybridLM would let every position see "
+                           f"later tokens through {name!r} (registered causal=False); use it outside HybridLM", name)
 
     @property
     def layer_types(self) -> list[str]:

@@ -45,7 +45,9 @@ def no_init():
 class ModelCache:
     """The caches of every layer of a model (``layers[i]`` belongs to layer ``i``), from ``model.new_cache``.
 
-    Softmax layers hold a ``KVCache`` (or a ``SlidingWindowKVCache``), linear layers a ``RecurrentCache``.
+    Softmax layers hold a ``KVCache`` (a ``SlidingWindowKVCache`` where the pattern reaches a bounded distance back,
+    ``PinnedWindowKVCache`` with global tokens, a ``DSACache`` for DSA), linear
+    layers a ``RecurrentCache``.
     """
 
     def __init__(self, layers: list[Cache], layer_types: list[str]):
@@ -61,6 +63,11 @@ class ModelCache:
         """Bytes of every tensor held by every layer's cache."""
         return sum(c.nbytes() for c in self.layers)
 
+    def reset(self) -> None:
+        """Empty every layer's cache (as fresh from ``model.new_cache``), keeping its buffers for reuse."""
+        for c in self.layers:
+            c.reset()
+
     def nbytes_by_type(self) -> dict[str, int]:
         """Bytes per mixer name, e.g. ``{"gated_deltanet": ..., "attention": ...}``."""
         out: dict[str, int] = {}
@@ -75,14 +82,19 @@ class HybridLM(nn.Module):
     Args:
         config: a :class:`ModelConfig`.
 
+    After a forward with gradients, :attr:`aux_loss` holds the weighted auxiliary losses (MoE load balancing,
+    DSA indexer KL) that training adds to the language-model loss.
+
     Raises:
         TypeError: ``config`` is not a ``ModelConfig``.
+        ValueError: a layer's mixer is not causal (named as ``layers[i]``).
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config: expected a ModelConfig, received {type(config).__name__}")
+        config.check_decoder_layout()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_layers))
@@ -157,6 +169,26 @@ class HybridLM(nn.Module):
             h = _select_positions(h, logits_at)  # (B, P, d)
         logits = self.lm_head(self.norm(h))
         return logits if cache is None else (logits, cache)
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary losses of the last forward, weighted, to add to the language-model loss (the trainer
+        does): ``moe.router_aux_loss_coef`` x the load-balancing loss pooled over the MoE layers (as transformers'
+        Qwen3-Next does) + ``indexer_aux_loss_coef`` x the sum over DSA layers of their indexer KL (each a mean
+        over tokens). None when no layer has one (no MoE / DSA layer, or a DSA-only model run without gradients).
+        """
+        from hybridattn.layers.dsa_attention import DSAAttention
+        from hybridattn.layers.moe import MoEFeedForward, pooled_load_balancing_loss
+
+        terms = []
+        balance = pooled_load_balancing_loss([m for m in self.modules() if isinstance(m, MoEFeedForward)])
+        if balance is not None:
+            terms.append(self.config.moe.router_aux_loss_coef * balance)
+        kl = [m.aux_loss for m in self.modules() if isinstance(m, DSAAttention)]
+        kl = [loss for loss in kl if loss is not None]
+        if kl:
+            terms.append(self.config.indexer_aux_loss_coef * torch.stack(kl).sum())
+        return sum(terms[1:], terms[0]) if terms else None
 
     def _check_ids(self, input_ids) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor):

@@ -9,7 +9,12 @@ Numbers are exact, not estimates: the layers are built on the ``meta`` device (n
 and every layer's ``new_cache`` is asked for its tensors. A KV cache holds, per row and slot, a key and a value
 of ``Hkv * D`` entries plus a validity flag (1 byte), and a per-row counter of real tokens (8 bytes);
 a sliding-window cache has ``W`` slots whatever the context; a ``RecurrentCache`` holds a state ``[H, Dk, Dv]``
-(float32) and a conv tail ``[K - 1, C]`` (model dtype) per row, also independent of the context.
+(float32) and a conv tail ``[K - 1, C]`` (model dtype) per row, also independent of the context. Composite caches
+add their parts: DSA's ``DSACache`` is a KV cache plus one indexer key ``[Di]`` per slot (counted as keys), and
+``conv_attention``'s a KV cache plus a conv tail. Other caches are assumed not to grow.
+
+Only decoder layouts are planned: a layer whose mixer is not causal (Linformer, LSH) or has no cache raises
+``ValueError`` naming ``layers[i]``.
 
 Shape legend: B batch, T context, H heads, D head dim, K conv kernel, C conv channels.
 """
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hybridattn.layers.cache import KVCache, RecurrentCache, SlidingWindowKVCache
+from hybridattn.layers.dsa_attention import DSACache
+from hybridattn.layers.mixers.conv_attention import ConvKVCache
 
 #: Context lengths of the seeds' attention-matrix table.
 SEED_CONTEXTS = (512, 4_096, 32_768)
@@ -62,17 +69,30 @@ class MemoryPlan:
 
 def _cache_bytes(cache, context: int, kind: KindMemory) -> None:
     """Add the bytes ``cache`` (an empty cache from ``new_cache``) will hold after ``context`` tokens."""
-    if isinstance(cache, (KVCache, SlidingWindowKVCache)):
-        slots = cache.window if isinstance(cache, SlidingWindowKVCache) else context
+    if isinstance(cache, KVCache):  # one slot per token
         itemsize = torch.empty((), dtype=cache.dtype).element_size()
         b = cache.batch_size
-        kind.kv_bytes += 2 * b * slots * cache.num_heads * cache.head_dim * itemsize
-        kind.other_bytes += b * slots + cache.real_tokens.numel() * cache.real_tokens.element_size()
+        kind.kv_bytes += 2 * b * context * cache.num_heads * cache.head_dim * itemsize
+        kind.other_bytes += b * context + cache.real_tokens.numel() * cache.real_tokens.element_size()
+    elif isinstance(cache, DSACache):
+        _cache_bytes(cache.kv, context, kind)
+        kind.kv_bytes += cache.batch_size * context * cache.index_dim * cache.index_k.element_size()
+    elif isinstance(cache, ConvKVCache):
+        _cache_bytes(cache.kv, context, kind)
+        kind.conv_bytes += cache.tail.numel() * cache.tail.element_size()
     elif isinstance(cache, RecurrentCache):
         kind.state_bytes += cache.state.numel() * cache.state.element_size()
         if cache.conv_tail is not None:
             kind.conv_bytes += cache.conv_tail.numel() * cache.conv_tail.element_size()
         kind.other_bytes += cache.real_tokens.numel() * cache.real_tokens.element_size()
+    elif isinstance(cache, SlidingWindowKVCache):
+        # ring buffers (with any pinned slots) allocate all their storage up front: count what is there
+        for t in cache.tensors():
+            nbytes = t.numel() * t.element_size()
+            if t.is_floating_point():
+                kind.kv_bytes += nbytes
+            else:
+                kind.other_bytes += nbytes
     else:  # a user cache: assume fixed size
         kind.state_bytes += cache.nbytes()
 
@@ -91,7 +111,11 @@ def _layer_plans(config, batch: int, dtype: torch.dtype):
             key = (name, config.ffn_kind(i))
             if key not in built:
                 block = HybridBlock(config, i)
-                cache = block.mixer.new_cache(batch, device="meta", dtype=dtype)
+                try:
+                    cache = block.mixer.new_cache(batch, device="meta", dtype=dtype)
+                except (ValueError, NotImplementedError) as e:
+                    raise ValueError(f"layers[{i}]: expected a mixer with an inference cache to plan, received "
+                                     f"{name!r} ({e})") from e
                 built[key] = (sum(p.numel() for p in block.parameters()), cache)
             out.append((name, *built[key]))
     return out
@@ -119,10 +143,12 @@ def plan(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat
         compare: also plan the same model with ``config.softmax_mixer`` in every layer (``softmax_only``).
 
     Raises:
-        ValueError / TypeError: non-positive ``context`` or ``batch``, a non-dtype ``dtype``.
+        ValueError / TypeError: non-positive ``context`` or ``batch``, a non-dtype ``dtype``; a layer (named
+            ``layers[i]``) whose mixer is not causal or has no cache.
     """
     from hybridattn.ops._checks import check_positive_int
 
+    config.check_decoder_layout()
     check_positive_int("context", context)
     check_positive_int("batch", batch)
     if not isinstance(dtype, torch.dtype):

@@ -9,16 +9,20 @@ A spec is lazy: nothing of size ``Tq x Tk`` is built unless a backend asks for i
     ``EMPTY`` (skip the block), ``PARTIAL`` (apply the mask) or ``FULL`` (no mask needed), for kernels that skip
     work; computed one query block at a time, so memory stays ``O(block_q * Tk)``;
 (d) ``mask_mod(q_len, kv_len)``: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` built from
-    tensor operations only.
+    tensor operations only;
+(e) ``reach()``: a :class:`Reach`, how far back a causal query sees and which positions stay visible, which sizes
+    a decoder's KV cache.
 
 Specs combine with ``&`` and ``|``. Causal masks with ``Tq != Tk`` are aligned bottom-right, as flash-attn does:
-query ``i`` sees keys ``j <= i + Tk - Tq``.
+query ``i`` sees keys ``j <= i + Tk - Tq``. Rows and columns are positions; :func:`at_positions` evaluates a spec
+at other positions (a KV cache's slots once a row is left-padded or a ring buffer dropped old keys).
 
 Shape legend: B batch, H heads, Tq query length, Tk key length.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,6 +32,46 @@ from hybridattn.ops._checks import check_cu_seqlens, check_positive_int, check_t
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Reach:
+    """How a spec uses token positions, which decides what a causal decoder's KV cache must keep.
+
+    Attributes:
+        lookback: every kept pair ``(p, j)``, ``j <= p``, whose key is not pinned has ``p - j <= lookback``;
+            None = unbounded (the cache keeps every key).
+        pinned: key positions that later queries may see however far back (global tokens).
+        relative: the decision depends on ``p - j`` alone (windows, dilated, strided, causal), so shifting every
+            position by one amount changes nothing.
+        prefix_stable: the decision at ``(p, j)`` does not depend on the sequence length: the spec on ``N``
+            positions agrees with the spec on a longer sequence. Decoding token by token relies on it, and so does
+            evaluating a left-padded row at its own positions. False for tensors, padding, documents and a BigBird
+            drawn with ``causal=False``.
+    """
+
+    lookback: int | None = None
+    pinned: tuple[int, ...] = ()
+    relative: bool = False
+    prefix_stable: bool = True
+
+    def slots(self) -> int | None:
+        """KV entries a cache needs: ``lookback + 1`` plus the pinned ones; None when unbounded."""
+        return None if self.lookback is None else self.lookback + 1 + len(self.pinned)
+
+    def __and__(self, other: "Reach") -> "Reach":
+        # a pair kept by A & B is kept by A and by B, so either side's bound holds: take the smaller cache
+        bound = self
+        if other.lookback is not None and (self.lookback is None or other.slots() < self.slots()):
+            bound = other
+        return Reach(bound.lookback, bound.pinned, self.relative and other.relative,
+                     self.prefix_stable and other.prefix_stable)
+
+    def __or__(self, other: "Reach") -> "Reach":
+        bounded = self.lookback is not None and other.lookback is not None
+        return Reach(max(self.lookback, other.lookback) if bounded else None,
+                     tuple(sorted(set(self.pinned) | set(other.pinned))) if bounded else (),
+                     self.relative and other.relative, self.prefix_stable and other.prefix_stable)
 
 
 class MaskSpec:
@@ -41,6 +85,11 @@ class MaskSpec:
 
     def mask_mod(self, q_len: int, kv_len: int) -> MaskMod:
         raise NotImplementedError
+
+    def reach(self) -> Reach:
+        """How far back a causal query sees (see :class:`Reach`). This default (unbounded, prefix-stable) is what
+        a user's spec gets; specs that know better override it."""
+        return Reach()
 
     # -- derived forms -------------------------------------------------------------------------------------
     def _index_grid(self, q_idx: torch.Tensor, kv_idx: torch.Tensor, device):
@@ -177,6 +226,10 @@ class _Combined(MaskSpec):
         # AND: empty if either is empty, full only if both are full; OR: the dual. PARTIAL is conservative.
         return torch.minimum(a, c) if self.op == "and" else torch.maximum(a, c)
 
+    def reach(self):
+        a, b = self.left.reach(), self.right.reach()
+        return a & b if self.op == "and" else a | b
+
     def _kept_pairs(self, q_len, kv_len, block):
         # No closed form for a composition, but its block layout has one: FULL tiles count by their area, EMPTY
         # ones are skipped and only PARTIAL ones evaluate the mask, so the cost follows the tiles that are not EMPTY.
@@ -244,6 +297,9 @@ class TensorMask(MaskSpec):
         m = m[:, :, q_start:q_end, k_start:k_end]
         return m if device is None else m.to(device)
 
+    def reach(self):
+        return Reach(prefix_stable=False)  # its shape is one (Tq, Tk)
+
     def __repr__(self):
         return f"TensorMask(shape={tuple(self.mask.shape)})"
 
@@ -265,6 +321,9 @@ class Causal(MaskSpec):
         k0, k1 = block_bounds(kv_len, block_k, device)
         out = layout_from((q1[:, None] + offset) >= k0[None, :], (q0[:, None] + offset) >= k1[None, :])
         return out.view(1, 1, *out.shape)
+
+    def reach(self):
+        return Reach(relative=True)
 
     def __repr__(self):
         return "causal"
@@ -298,6 +357,9 @@ class Padding(MaskSpec):
         lengths = self.lengths.to(k0.device)[:, None]
         out = layout_from(k0[None, :] < lengths, k1[None, :] < lengths)  # (B, nK), the same for every query
         return out[:, None, None, :].expand(-1, 1, n_q, -1)
+
+    def reach(self):
+        return Reach(prefix_stable=False)  # lengths of one sequence
 
     def __repr__(self):
         return f"padding({self.lengths.tolist()})"
@@ -346,6 +408,9 @@ class Document(MaskSpec):
         out = layout_from((dq0 <= dk1) & (dk0 <= dq1), (dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0))
         return out.view(1, 1, *out.shape).to(device)
 
+    def reach(self):
+        return Reach(prefix_stable=False)  # offsets of one packed sequence
+
     def __repr__(self):
         return f"document({self.cu_seqlens.tolist()})"
 
@@ -364,6 +429,48 @@ class PrefixLM(MaskSpec):
         return f"prefix_lm({self.n})"
 
 
+class AtPositions(MaskSpec):
+    """``spec`` evaluated at token positions rather than at row / column indices: query row ``i`` sits at
+    ``q_pos[b, i]`` and key column ``j`` at ``k_pos[b, j]`` of a sequence of ``length`` tokens, as
+    ``spec.mask_mod(length, length)`` sees them. KV caches need it where columns stop being positions: a left-padded
+    row, a ring buffer that dropped old keys, pinned keys in front of a window. Negative key positions (padding)
+    keep nothing. The spec must be prefix-stable (:class:`Reach`), as it sees ``length`` positions, not the row's
+    own count. Its dense forms are the generic ones: ``O(Tq * Tk)`` work per batch row the positions depend on."""
+
+    def __init__(self, spec: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, length: int):
+        self.spec = as_mask_spec(spec, "spec")
+        for name, pos in (("q_pos", q_pos), ("k_pos", k_pos)):
+            check_tensor(name, pos, ndim=2, floating=False)
+        rows = {q_pos.shape[0], k_pos.shape[0]} - {1}
+        if len(rows) > 1:
+            raise ValueError(f"k_pos: expected batch size {q_pos.shape[0]} (that of q_pos) or 1, received "
+                             f"{k_pos.shape[0]}")
+        self.q_pos, self.k_pos = q_pos, k_pos
+        self.length = check_positive_int("length", length, allow_zero=True)
+        self.batch_size = _merge_dim("batch size", rows.pop() if rows else None, self.spec.batch_size)
+        self.num_heads = self.spec.num_heads
+
+    def mask_mod(self, q_len, kv_len):
+        if self.q_pos.shape[1] != q_len or self.k_pos.shape[1] != kv_len:
+            raise ValueError(f"q_pos/k_pos: expected {q_len} query and {kv_len} key positions, received "
+                             f"{self.q_pos.shape[1]} and {self.k_pos.shape[1]}")
+        inner, last = self.spec.mask_mod(self.length, self.length), max(self.length - 1, 0)
+        q_pos, k_pos = self.q_pos, self.k_pos
+        nq, nk = q_pos.shape[0], k_pos.shape[0]
+
+        def mod(b, h, q, k):
+            pq, pk = q_pos.to(q.device)[b % nq, q], k_pos.to(k.device)[b % nk, k]
+            return inner(b, h, pq.clamp(0, last), pk.clamp(0, last)) & (pk >= 0)
+
+        return mod
+
+    def reach(self):
+        return self.spec.reach()
+
+    def __repr__(self):
+        return f"at_positions({self.spec!r}, length={self.length})"
+
+
 def causal() -> MaskSpec:
     return Causal()
 
@@ -378,6 +485,12 @@ def document(cu_seqlens) -> MaskSpec:
 
 def prefix_lm(n: int) -> MaskSpec:
     return PrefixLM(n)
+
+
+def at_positions(spec, q_pos: torch.Tensor, k_pos: torch.Tensor, *, length: int) -> MaskSpec:
+    """``spec`` at query positions ``q_pos`` ``[B|1, Tq]`` and key positions ``k_pos`` ``[B|1, Tk]`` of a
+    ``length``-token sequence (:class:`AtPositions`)."""
+    return AtPositions(spec, q_pos, k_pos, length)
 
 
 def as_mask_spec(mask, name: str = "mask") -> MaskSpec:

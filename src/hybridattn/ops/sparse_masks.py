@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from hybridattn.ops._checks import check_positive_int, check_tensor
-from hybridattn.ops.masks import MaskSpec, block_bounds, layout_from
+from hybridattn.ops.masks import MaskSpec, Reach, block_bounds, layout_from
 
 
 def _layout_from(any_: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,9 @@ class _DistanceSpec(MaskSpec):
         kept = prefix[d_hi + 1] - prefix[d_lo]
         return _layout_from(kept > 0, kept == d_hi - d_lo + 1)
 
+    def reach(self):
+        return Reach(relative=True)
+
 
 class SlidingWindow(_DistanceSpec):
     """Query at position ``p`` sees keys ``p - left <= j <= p + right`` (Longformer / Mistral window)."""
@@ -78,6 +81,9 @@ class SlidingWindow(_DistanceSpec):
 
     def keep(self, d):
         return (d <= self.left) & (d >= -self.right)
+
+    def reach(self):
+        return Reach(self.left, relative=True)
 
     def __repr__(self):
         return f"sliding_window({self.left}, {self.right})"
@@ -94,6 +100,10 @@ class Dilated(_DistanceSpec):
 
     def keep(self, d):
         return (d <= self.window) & (d >= -self.right) & (d % self.dilation == 0)
+
+    def reach(self):
+        # the farthest kept distance (window itself when dilation divides it); the ones between stay masked
+        return Reach(self.window - self.window % self.dilation, relative=True)
 
     def __repr__(self):
         return f"dilated({self.window}, {self.dilation}, right={self.right})"
@@ -234,6 +244,11 @@ class GlobalTokens(MaskSpec):
         any_ = (gq[:, None] > 0) | (gk[None, :] > 0)
         full = (gq == nq)[:, None] | (gk == nk)[None, :]
         return _layout_from(any_, full)
+
+    def reach(self):
+        pinned = tuple(self.indices.tolist())
+        # other queries see the pinned keys only; a global query at g sees every key before it, at most g back
+        return Reach(max(pinned, default=0), pinned)
 
     def __repr__(self):
         return f"global_tokens({self.indices.tolist()})"
@@ -384,6 +399,10 @@ class BigBird(BlockSparse):
 
     def _layout(self, q_len, kv_len):
         return self.layout_for(-(-kv_len // self.block))
+
+    def reach(self):
+        # drawn among all blocks, a row's random blocks change as later blocks appear
+        return Reach(prefix_stable=self.causal)
 
     def __repr__(self):
         return (f"bigbird(window={self.window}, n_global={self.n_global}, n_random={self.n_random}, "

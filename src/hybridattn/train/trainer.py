@@ -3,7 +3,9 @@
 Any ``nn.Module`` that maps ``input_ids [B, T]`` to ``logits [B, T, V]`` can be trained on any task. The
 loss is the cross-entropy at the scored positions only (``TaskBatch.mask``); a model whose ``forward``
 accepts ``logits_at`` (positions ``[B, P]``, as ``HybridLM`` does) computes logits only there, which for
-MQAR (a few scored positions, vocabularies of thousands) skips most of the output layer.
+MQAR (a few scored positions, vocabularies of thousands) skips most of the output layer. A model with an
+``aux_loss`` tensor after its forward (``HybridLM``: MoE load balancing, DSA indexer KL, already weighted) has
+it added to the loss.
 
 Determinism: batch ``i`` is drawn from the task with a seed derived from ``(config.seed, i)``, the model and
 optimizer are restored from a checkpoint with RNG states, and the learning rate is a pure function of the
@@ -104,6 +106,13 @@ def scored_logits(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
     return model(batch.inputs)[batch.mask]
 
 
+def model_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The model's weighted auxiliary loss of its last forward (``HybridLM.aux_loss``: MoE load balancing, DSA
+    indexer KL), or None for a model without one."""
+    aux = getattr(unwrap(model), "aux_loss", None)
+    return aux if isinstance(aux, torch.Tensor) else None
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # decay matrices (linear/embedding weights) only, as GPT-2/nanoGPT do; norms, biases and gates keep their scale
     decay, no_decay = [], []
@@ -175,16 +184,25 @@ class Trainer:
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         # global-mean loss; the world-size factor undoes DDP's gradient averaging (see distributed.py)
         loss = loss_sum * (self.dist.world_size / max(1, total_scored))
+        aux = model_aux_loss(self.model)
+        if aux is not None:
+            # already a mean over this rank's tokens (ranks hold equal slices): DDP's averaging of gradients makes
+            # it the mean over ranks, so it takes no world-size factor
+            loss = loss + aux.float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else torch.tensor(float("nan")))
         self.optimizer.step()
         correct = (logits.argmax(-1) == targets).sum()
-        stats = all_reduce_sum(torch.stack([loss_sum.detach().float(), correct.float()]), self.dist)
+        aux_value = torch.zeros((), device=loss_sum.device) if aux is None else aux.detach().float()
+        stats = all_reduce_sum(torch.stack([loss_sum.detach().float(), correct.float(), aux_value]), self.dist)
         self.step += 1
-        return {"step": self.step, "loss": float(stats[0]) / max(1, total_scored),
-                "accuracy": float(stats[1]) / max(1, total_scored), "lr": lr, "grad_norm": float(grad_norm)}
+        record = {"step": self.step, "loss": float(stats[0]) / max(1, total_scored),
+                  "accuracy": float(stats[1]) / max(1, total_scored), "lr": lr, "grad_norm": float(grad_norm)}
+        if aux is not None:
+            record["aux_loss"] = float(stats[2]) / self.dist.world_size  # weighted, mean over ranks
+        return record
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()

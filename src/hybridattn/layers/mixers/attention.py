@@ -7,7 +7,7 @@ from __future__ import annotations
 from hybridattn.layers.registry import register_mixer
 
 
-@register_mixer("attention", softmax=True)
+@register_mixer("attention", softmax=True, options=())  # sized by config.attention, no own options
 def build_attention(config, layer_idx: int):
     # Imported here so that listing the registry does not pull in the softmax kernels.
     from hybridattn.layers.attention import MultiHeadAttention

@@ -45,6 +45,11 @@ class ConvKVCache(Cache):
     def tensors(self) -> list[torch.Tensor]:
         return [*self.kv.tensors(), self.tail]
 
+    def reset(self) -> None:
+        """Forget every token, keeping the storage: the attention cache's and a zero conv tail."""
+        self.kv.reset()
+        self.tail.zero_()
+
 
 class ConvAttention(nn.Module):
     """``attention(x + conv(x))`` with a depthwise causal ``ShortConvolution`` (no activation) of ``kernel_size``.
@@ -72,7 +77,7 @@ class ConvAttention(nn.Module):
         return self.attn(x + y, cache=None if cache is None else cache.kv, token_mask=token_mask)
 
 
-@register_mixer("conv_attention", softmax=True)
+@register_mixer("conv_attention", softmax=True, options=("conv_size",))
 def build_conv_attention(config, layer_idx: int) -> ConvAttention:
     from hybridattn.layers.mixers.attention import build_attention
 

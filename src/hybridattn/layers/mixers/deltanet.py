@@ -35,6 +35,6 @@ class DeltaNet(QKVMixer):
         return self.output(o, x, token_mask)
 
 
-@register_mixer("deltanet")
+@register_mixer("deltanet", options=())  # sized by config.linear, no own options
 def build_deltanet(config, layer_idx: int) -> DeltaNet:
     return DeltaNet(config.d_model, norm_eps=config.norm_eps, **linear_config_sizes(config))

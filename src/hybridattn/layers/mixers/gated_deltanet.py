@@ -134,7 +134,7 @@ class GatedDeltaNet(LinearMixer):
         return self.out_proj(o).view(b_, 1, -1)
 
 
-@register_mixer("gated_deltanet")
+@register_mixer("gated_deltanet", options=())  # sized by config.linear, no own options
 def build_gated_deltanet(config, layer_idx: int) -> GatedDeltaNet:
     sizes = linear_config_sizes(config)
     return GatedDeltaNet(config.d_model, num_k_heads=sizes.pop("num_heads"), **sizes, norm_eps=config.norm_eps)

@@ -42,7 +42,7 @@ class GatedLinearAttention(QKVMixer):
         return self.output(o, x, token_mask)
 
 
-@register_mixer("gla")
+@register_mixer("gla", options=())  # sized by config.linear, no own options
 def build_gla(config, layer_idx: int) -> GatedLinearAttention:
     return GatedLinearAttention(config.d_model, gate_low_rank=config.linear.gate_low_rank, norm_eps=config.norm_eps,
                                 **linear_config_sizes(config))

@@ -68,7 +68,7 @@ class LinearAttention(QKVMixer):
         return f"feature_map={self.feature_map!r}, normalize={self.normalize}"
 
 
-@register_mixer("linear")
+@register_mixer("linear", options=())  # sized by config.linear, no own options
 def build_linear(config, layer_idx: int) -> LinearAttention:
     # A different FAVOR+ draw per layer, reproducible from the layer index.
     return LinearAttention(config.d_model, feature_map=config.linear.feature_map, seed=layer_idx,

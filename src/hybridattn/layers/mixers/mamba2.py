@@ -92,7 +92,7 @@ class Mamba2(LinearMixer):
         return zero_padding(token_mask, self.out_proj(y))
 
 
-@register_mixer("mamba2")
+@register_mixer("mamba2", options=())  # sized by config.linear, no own options
 def build_mamba2(config, layer_idx: int) -> Mamba2:
     lin = config.linear
     return Mamba2(config.d_model, num_heads=lin.v_heads(), head_dim=lin.v_dim(config.d_model),

@@ -38,6 +38,6 @@ class MultiScaleRetention(QKVMixer):
         return self.output(o, x, token_mask)
 
 
-@register_mixer("retention")
+@register_mixer("retention", options=())  # sized by config.linear, no own options
 def build_retention(config, layer_idx: int) -> MultiScaleRetention:
     return MultiScaleRetention(config.d_model, norm_eps=config.norm_eps, **linear_config_sizes(config))
