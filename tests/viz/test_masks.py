@@ -13,7 +13,7 @@ def test_cli_writes_png_with_selected_panels(tmp_path, capsys):
     assert main(["viz", "masks", "--length", "32", "--out", str(out), "--patterns", "bigbird,fixed", "--dpi", "50"]) == 0
     assert "3 patterns at T=32" in capsys.readouterr().out
     img = matplotlib.image.imread(out)
-    assert img.shape[:2] == (int(3.7 * 50), int(3.2 * 4 * 50))  # one row of four panels at 50 dpi
+    assert img.shape[:2] == (int(3.7 * 50), int(3.2 * 3 * 50))  # one row of three panels at 50 dpi
 
 
 def test_panels_are_the_dense_masks(tmp_path, monkeypatch):

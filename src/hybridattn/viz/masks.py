@@ -24,6 +24,10 @@ def default_patterns(length: int) -> dict[str, MaskSpec]:
     block = max(2, length // 16)
     stride = max(2, round(math.sqrt(length)))
     causal = masks.causal()
+    # an explicit layout over 8 blocks: each block sees itself, the block two back and the first block
+    n = min(8, length)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    layout = (i == j) | (i - j == 2) | (j == 0)
     return {
         "causal": causal,
         f"sliding_window({w}) & causal": masks.sliding_window(w) & causal,
@@ -33,11 +37,16 @@ def default_patterns(length: int) -> dict[str, MaskSpec]:
         f"fixed({stride}, 1) & causal": masks.fixed(stride, 1) & causal,
         f"bigbird(1, 1, 2, block={block})": masks.bigbird(1, 1, 2, block=block, seed=0),
         f"bigbird(1, 1, 2, block={block}) & causal": masks.bigbird(1, 1, 2, block=block, seed=0) & causal,
+        f"global_tokens([0, {length // 2}])": masks.global_tokens([0, length // 2]),
+        f"block_sparse({n} x {n} layout)": masks.block_sparse(layout, block=-(-length // n)),
     }
 
 
-def draw_masks(patterns: dict[str, MaskSpec], length: int, path, *, columns: int = 4, dpi: int = 120) -> Path:
-    """Draw ``patterns`` at ``T = length`` into the PNG ``path`` and return the path."""
+def draw_masks(patterns: dict[str, MaskSpec], length: int, path, *, columns: int | None = None,
+               dpi: int = 120) -> Path:
+    """Draw ``patterns`` at ``T = length`` into the PNG ``path`` (``columns`` panels per row, default up to 5) and
+    return the path."""
+    columns = min(5, len(patterns)) if columns is None else columns
     import matplotlib
 
     matplotlib.use("Agg")
