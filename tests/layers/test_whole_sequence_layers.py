@@ -68,5 +68,5 @@ def test_registry_arguments_are_checked():
         registry.register_mixer("test_bad_flag", causal="no")
     with pytest.raises(TypeError, match="options: expected an iterable of str"):
         registry.register_mixer("test_bad_options", options="window")
-    assert mixer_entry("lsh").options == ("n_buckets", "n_hashes", "seed")
+    assert mixer_entry("lsh").options == ("n_buckets", "n_hashes", "seed", "allow_duplicates")
     assert mixer_entry("attention").options == () and mixer_entry("attention").causal

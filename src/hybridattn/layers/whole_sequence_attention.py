@@ -80,17 +80,18 @@ class LSHAttention(_WholeSequenceMixer):
     """Reformer mixer: shared-QK LSH attention (``n_buckets``, ``n_hashes`` rounds, chunks of ``T / n_buckets``).
     Bucketing depends on the whole sequence, so there is no incremental form and padding is not supported. Even
     with ``causal=True`` (keys after the query masked) an output depends on later tokens, which move the bucket
-    and chunk boundaries; the registry marks ``lsh`` non-causal for that reason.
+    and chunk boundaries; the registry marks ``lsh`` non-causal for that reason. ``allow_duplicates`` is
+    ``ops.lsh_attention``'s: ``False`` (default) counts a pair attended in several rounds once, as the paper does.
 
     Raises:
         ValueError / TypeError: ``n_buckets`` not 1 or a positive even int, ``n_hashes`` not a positive int,
-            ``seed`` not an int >= 0, ``causal`` not a bool.
+            ``seed`` not an int >= 0, ``causal`` or ``allow_duplicates`` not a bool.
     """
 
     no_cache_reason = "LSH buckets and chunks depend on the whole sequence"
 
     def __init__(self, d_model: int, n_heads: int, *, n_buckets: int = 8, n_hashes: int = 2, causal: bool = True,
-                 seed: int = 0, bias: bool = False):
+                 seed: int = 0, bias: bool = False, allow_duplicates: bool = False):
         super().__init__(d_model, n_heads)
         # validated here as ops.lsh_attention requires, so that a bad value fails at construction, not at forward
         self.n_buckets = check_positive_int("n_buckets", n_buckets)
@@ -102,6 +103,9 @@ class LSHAttention(_WholeSequenceMixer):
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, received {type(causal).__name__}")
         self.causal = causal
+        if not isinstance(allow_duplicates, bool):
+            raise TypeError(f"allow_duplicates: expected a bool, received {type(allow_duplicates).__name__}")
+        self.allow_duplicates = allow_duplicates
         self.qk_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -114,5 +118,5 @@ class LSHAttention(_WholeSequenceMixer):
         q = self.qk_proj(x).view(b, t, self.n_heads, -1)
         v = self.v_proj(x).view(b, t, self.n_heads, -1)
         o = lsh_attention(q, None, v, n_buckets=self.n_buckets, n_hashes=self.n_hashes, causal=self.causal,
-                          seed=self.seed)
+                          seed=self.seed, allow_duplicates=self.allow_duplicates)
         return self.o_proj(o.reshape(b, t, self.d_model))

@@ -13,11 +13,14 @@ One hashing round ``r``:
    with ``causal`` only to keys at its own or earlier positions; this gives ``o_r`` and the log-normaliser
    ``lse_r``.
 
-Rounds combine as ``o = sum_r exp(lse_r - logsumexp_r lse_r) o_r``: the softmax over the rounds' keys in which a
-pair found in ``N_ij`` rounds counts ``N_ij`` times. The paper (App. A) divides such a pair's weight by ``N_ij``
-(subtracts ``log N_ij`` from its logit in every round) so that it counts once, as trax does by default
-(``allow_duplicate_attention=False``); lucidrains' reformer-pytorch defaults to counting it per round, as here.
-The difference only re-weights pairs the hashes agree on, which the rounds' agreement already marks as close.
+Rounds combine as ``o = sum_r exp(lse_r - logsumexp_r lse_r) o_r``, a softmax over the keys of every round. A
+pair ``(i, j)`` that ``N_ij`` rounds attend (key ``j`` in query ``i``'s own or previous chunk, causally visible;
+the shared-QK self pair included) would enter that softmax ``N_ij`` times. By default (``allow_duplicates=False``)
+each round subtracts ``log N_ij`` from the pair's logit, as the paper does (App. A) and trax by default
+(``allow_duplicate_attention=False``), so the ``N_ij`` copies add up to one: the result is exactly the softmax
+over the *union* of the rounds' attended keys. ``N_ij`` comes from the rounds' chunk ids of ``i`` and ``j``
+(``O(R)`` per attended slot), never from a ``T x T`` mask. ``allow_duplicates=True`` keeps the per-round count
+(lucidrains' reformer-pytorch default), which favours pairs the hashes agree on.
 
 One bucket with the default chunk (``T / n_buckets``) puts every token in one chunk: with separate keys this is
 full attention; with shared-QK it is full attention *without the self pair* (the self pair is used only by a
@@ -28,10 +31,11 @@ later keys), but the buckets and the sort use every token, so a later token can 
 share a chunk with an earlier query. As in Reformer, earlier outputs therefore depend on later tokens through the
 hashing; an autoregressive model decoding token by token will not reproduce a full-sequence pass exactly.
 
-Cost ``O(n_hashes * T * chunk)``.
+Cost ``O(R * T * c * D)`` for the logits, plus ``O(R^2 * T * c)`` for ``N_ij`` when deduplicating.
 
 Shape legend: B batch, T length, H query heads, Hkv key-value heads (G = H / Hkv), D head dim, Dv value head dim,
-n chunks of c tokens.
+R = n_hashes rounds, n chunks of c tokens (a query's window: 2c key slots), N_ij rounds in which query i attends
+key j.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def lsh_buckets(keys: torch.Tensor, *, n_buckets: int, n_hashes: int, seed: int)
     return torch.cat([proj, -proj], dim=-1).argmax(-1)
 
 
-def _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size):
+def _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size, allow_duplicates):
     shared = k is None
     if shared:
         check_bthd("q", q)
@@ -80,9 +84,31 @@ def _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size):
     check_positive_int("seed", seed, allow_zero=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, received {type(causal).__name__}")
+    if not isinstance(allow_duplicates, bool):
+        raise TypeError(f"allow_duplicates: expected a bool, received {type(allow_duplicates).__name__}")
     chunk = -(-tq // n_buckets) if chunk_size is None else check_positive_int("chunk_size", chunk_size)
     buckets = lsh_buckets(hashed, n_buckets=n_buckets, n_hashes=n_hashes, seed=seed)
     return k, shared, max(chunk, 1), buckets
+
+
+def _pair_counts(chunk_of, r, q_pos, k_pos, n):
+    """``N_ij`` for round ``r``'s slots: in how many rounds query ``q_pos`` ``[B, Hkv, n, c]`` has key ``k_pos``
+    ``[B, Hkv, n, 2c]`` in its own or previous chunk, from ``chunk_of`` ``[R, B, Hkv, T]`` (chunk of each token in
+    each round). Causal visibility does not depend on the round, so chunk membership decides; padded slots
+    (position -1) get some count >= 1 and are masked by the caller. Returns ``[B, Hkv, n, c, 2c]`` (int)."""
+    b, hkv, _, c = q_pos.shape
+    qi, ki = q_pos.clamp(min=0).reshape(b, hkv, -1), k_pos.clamp(min=0).reshape(b, hkv, -1)
+    # round r attends every slot of its own window by construction: start from 1 and look only at the others
+    count = torch.ones(b, hkv, n, c, 2 * c, dtype=torch.int32, device=q_pos.device)
+    for other in range(chunk_of.shape[0]):
+        if other == r:
+            continue
+        qc = chunk_of[other].gather(-1, qi).view(b, hkv, n, c, 1)
+        kc = chunk_of[other].gather(-1, ki).view(b, hkv, n, 1, 2 * c)
+        # a single chunk has no previous one (see the window below): every key is in the query's chunk
+        seen = (kc == qc) | (kc == (qc - 1) % n) if n > 1 else (kc == qc)
+        count += seen
+    return count
 
 
 def _combine_rounds(outs, lses):
@@ -98,7 +124,7 @@ def _combine_rounds(outs, lses):
 
 
 def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = False, seed: int = 0,
-                  chunk_size: int | None = None, scale: float | None = None):
+                  chunk_size: int | None = None, scale: float | None = None, allow_duplicates: bool = False):
     """Reformer attention over LSH buckets (see module docstring).
 
     Args:
@@ -111,6 +137,8 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
         seed: seed of the random rotations.
         chunk_size: tokens per chunk of the sorted order; default ``ceil(T / n_buckets)``.
         scale: logit scale, default ``1 / sqrt(D)``.
+        allow_duplicates: count a pair once per round that attends it (``True``), or once overall (``False``,
+            the paper's ``- log N_ij``: the softmax over the union of the rounds' keys).
 
     Returns:
         ``o`` ``[B, T, H, Dv]``; rows without any visible key are zero.
@@ -118,7 +146,7 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
     Raises:
         TypeError / ValueError: invalid tensors or options (the message names the argument).
     """
-    k, shared, c, buckets = _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size)
+    k, shared, c, buckets = _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size, allow_duplicates)
     b, t, h, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     g = h // hkv
@@ -128,10 +156,12 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
     pos = torch.arange(t, device=q.device)
     qh = q.view(b, t, hkv, g, d).transpose(1, 2)  # (B, Hkv, T, G, D)
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+    perms = torch.argsort(buckets * t + pos, dim=-1)  # (R, B, Hkv, T) stable order: bucket, then position
+    unperms = torch.argsort(perms, dim=-1)  # rank of each token in each round's order
+    dedup = not allow_duplicates and n_hashes > 1  # one round has no duplicates to correct
+    chunk_of = unperms // c if dedup else None
     outs, lses = [], []
-    for bucket in buckets:  # (B, Hkv, T)
-        perm = torch.argsort(bucket * t + pos, dim=-1)  # stable order: bucket, then position
-        unperm = torch.argsort(perm, dim=-1)
+    for r, (perm, unperm) in enumerate(zip(perms, unperms)):  # (B, Hkv, T) each
         qs = qh.gather(2, perm[..., None, None].expand(-1, -1, -1, g, d))
         ks = kh.gather(2, perm[..., None].expand(-1, -1, -1, d))
         vs = vh.gather(2, perm[..., None].expand(-1, -1, -1, dv))
@@ -151,6 +181,8 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
         s = scale * torch.einsum("bhncgd,bhnkd->bhncgk", qs, k_win)
         if shared:
             s = s.masked_fill((k_pos[:, :, :, None, :] == q_pos[..., None])[:, :, :, :, None], SELF_LOGIT)
+        if dedup:
+            s = s - _pair_counts(chunk_of, r, q_pos, k_pos, n).to(s.dtype).log()[:, :, :, :, None]
         s = s.masked_fill(~visible[:, :, :, :, None], float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, n, c, G)
         p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
@@ -163,19 +195,23 @@ def lsh_attention(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = 
 
 
 def lsh_attention_reference(q, k, v, *, n_buckets: int, n_hashes: int = 1, causal: bool = False, seed: int = 0,
-                            chunk_size: int | None = None, scale: float | None = None):
+                            chunk_size: int | None = None, scale: float | None = None,
+                            allow_duplicates: bool = False):
     """Float64 dense reference: per round, the ``T x T`` mask "same or previous chunk of the sorted order, the
     first chunk's previous being the last" (chunk of token t = its rank in the (bucket, position) order //
-    chunk), full softmax, lse combination."""
-    k, shared, c, buckets = _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size)
+    chunk), full softmax, lse combination; without duplicates, ``log N_ij`` (``N_ij``: the rounds' masks summed)
+    is subtracted from every round's logits."""
+    k, shared, c, buckets = _prepare(q, k, v, n_buckets, n_hashes, causal, seed, chunk_size, allow_duplicates)
     b, t, h, d = q.shape
     g = h // k.shape[2]
     scale = check_scale(scale, d)
     kh = k.double().repeat_interleave(g, dim=2)
     vh = v.double().repeat_interleave(g, dim=2)
     logits = scale * torch.einsum("bthd,bshd->bhts", q.double(), kh)  # (B, H, T, T)
+    if shared:
+        logits = logits.masked_fill(torch.eye(t, dtype=torch.bool, device=q.device), SELF_LOGIT)
     i = torch.arange(t, device=q.device)
-    outs, lses = [], []
+    keeps = []
     for bucket in buckets:
         rank = torch.empty_like(bucket)
         for bi in range(b):  # plain loops: rank of each token in the sorted order
@@ -189,7 +225,11 @@ def lsh_attention_reference(q, k, v, *, n_buckets: int, n_hashes: int = 1, causa
         keep = (diff == 0) | (diff == 1) | ((diff == 1 - n_chunks) & (n_chunks > 1))
         if causal:
             keep = keep & (i[None, :] <= i[:, None])
-        s = logits.masked_fill(i[:, None] == i[None, :], SELF_LOGIT) if shared else logits
+        keeps.append(keep)
+    pair_rounds = torch.stack(keeps).sum(0).clamp(min=1).double()  # N_ij (1 where unseen: masked anyway)
+    outs, lses = [], []
+    for keep in keeps:
+        s = logits if allow_duplicates else logits - pair_rounds.log()
         s = s.masked_fill(~keep, float("-inf"))
         lse = torch.logsumexp(s, -1)
         w = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])

@@ -9,7 +9,8 @@ Sizes come from the config's ``attention`` section; each mixer's own options fro
 - ``dsa``: ``top_k`` (64), ``index_heads`` (4), ``index_dim`` (32); RoPE (partial, scaled) or no positions, q/k
   norm and output gate from ``attention``; ALiBi / T5 are refused (the sparse op takes no score bias);
 - ``linformer`` (bidirectional, no cache): ``max_len`` (512), ``proj_len`` (64);
-- ``lsh`` (no cache): ``n_buckets`` (8, 1 or even), ``n_hashes`` (2), ``seed``.
+- ``lsh`` (no cache): ``n_buckets`` (8, 1 or even), ``n_hashes`` (2), ``seed``, ``allow_duplicates`` (False: a
+  pair attended in several rounds counts once, as in the paper).
 
 ``linformer`` and ``lsh`` are registered ``causal=False``: Linformer mixes the whole sequence, and LSH's buckets and
 chunks depend on every token, so a decoder-only ``HybridLM`` refuses them; they remain usable as modules (e.g.
@@ -28,7 +29,7 @@ LONGFORMER_OPTIONS = {"window": 256, "global_tokens": [0]}
 BIGBIRD_OPTIONS = {"window": 1, "n_global": 1, "n_random": 2, "block": 64, "seed": 0}
 DSA_OPTIONS = {"top_k": 64, "index_heads": 4, "index_dim": 32}
 LINFORMER_OPTIONS = {"max_len": 512, "proj_len": 64}
-LSH_OPTIONS = {"n_buckets": 8, "n_hashes": 2, "seed": 0}
+LSH_OPTIONS = {"n_buckets": 8, "n_hashes": 2, "seed": 0, "allow_duplicates": False}
 
 # attention fields a mixer may lack: field -> (is it at a value that changes nothing?, what is accepted)
 _NEUTRAL = {
@@ -142,4 +143,8 @@ def build_lsh(config, layer_idx: int):
 
     _refuse_unsupported(config, "lsh", _WHOLE_SEQUENCE_REFUSED)
     opt = _options(config, "lsh", LSH_OPTIONS, ints={"n_buckets": 1, "n_hashes": 1, "seed": 0})
+    if not isinstance(opt["allow_duplicates"], bool):
+        # checked here too so that the error names the config key, as _options does for the ints
+        raise ValueError(f"mixer_options['lsh'].allow_duplicates: expected a bool, "
+                         f"received {opt['allow_duplicates']!r}")
     return LSHAttention(config.d_model, config.attention.num_heads, bias=config.attention.bias, **opt)
