@@ -77,3 +77,31 @@ def test_batched_generation_with_left_padding_equals_each_row_alone(name):
             torch.testing.assert_close(logits[row, pad:], lm(ids[row:row + 1, pad:])[0], rtol=1e-10, atol=1e-10)
             alone = lm.generate(ids[row:row + 1, pad:], max_new_tokens=8, stop=[])
             assert out[row, pad:].tolist() == alone[0].tolist()
+
+
+@pytest.mark.parametrize("causal_layer", [True, False])
+def test_length_dependent_pattern_rows_attend_as_alone(causal_layer):
+    # bigbird(causal=False) draws its random blocks among all ceil(T / block) blocks, so it depends on the length:
+    # each padded row is evaluated at its own length (a full forward; such a pattern cannot be decoded)
+    torch.manual_seed(0)
+    spec = masks.bigbird(1, 1, 2, 2, seed=5)
+    layer = MultiHeadAttention(32, 4, n_kv_heads=2, causal=causal_layer, pattern=spec).double().eval()
+    x, mask = _batch(24, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = layer(x, token_mask=mask)
+        for row, pad in enumerate(PADS):
+            alone = layer(x[row:row + 1, pad:])[0]
+            torch.testing.assert_close(full[row, pad:], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_block_layout_sized_for_the_real_tokens_takes_padded_batches():
+    # the layout covers the longest row's 16 tokens, not the 18 slots of the padded batch
+    torch.manual_seed(0)
+    layout = (torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) < 0.5) | torch.eye(4, dtype=torch.bool)
+    layer = MultiHeadAttention(16, 4, pattern=masks.block_sparse(layout, 4)).double().eval()
+    x = torch.randn(2, 18, 16, dtype=torch.float64)
+    mask = torch.arange(18) >= torch.tensor([2, 8])[:, None]  # rows of 16 and 10 real tokens
+    with torch.no_grad():
+        full = layer(x, token_mask=mask)
+        for row, pad in enumerate([2, 8]):
+            torch.testing.assert_close(full[row, pad:], layer(x[row:row + 1, pad:])[0], rtol=1e-12, atol=1e-12)

@@ -360,14 +360,18 @@ class MultiHeadAttention(nn.Module):
         if cache is None:
             if token_mask is None or self._reach.relative:
                 return self._spec
-            positions = slot_positions(token_mask.sum(1), t)  # (B, T), padding negative
-            return at_positions(self._spec, positions, positions, length=t)
+            real = token_mask.sum(1)  # (B,)
+            if not self._reach.prefix_stable:
+                return _per_row_pattern(self._spec, real, t)
+            positions = slot_positions(real, t)  # (B, T), padding negative
+            # the longest row's length, not T: a layout sized for the real tokens need not cover the padding
+            return at_positions(self._spec, positions, positions, length=int(real.max()))
         if cache.consecutive and self._reach.relative:
             return self._spec
         positions = cache.key_positions(num_keys)  # (B|1, L), or None when the slots are the positions
         if positions is None:
             return self._spec
-        return at_positions(self._spec, positions[:, num_keys - t:], positions, length=cache.seen_tokens)
+        return at_positions(self._spec, positions[:, num_keys - t:], positions, length=int(cache.real_tokens.max()))
 
     @staticmethod
     def _mask(key_valid, pattern):
@@ -396,6 +400,17 @@ class MultiHeadAttention(nn.Module):
             if getattr(self, name):
                 parts.append(f"{name}={getattr(self, name)!r}")
         return ", ".join(parts)
+
+
+def _per_row_pattern(spec: MaskSpec, real: torch.Tensor, t: int) -> TensorMask:
+    """``spec`` for left-padded rows of ``real[b]`` tokens, each at its own length, as ``[B, H|1, T, T]``: for a
+    pattern that changes with the sequence length (BigBird drawing random blocks among all of them), a padded row
+    then attends exactly as it would alone."""
+    dense = torch.zeros(real.shape[0], spec.num_heads or 1, t, t, dtype=torch.bool, device=real.device)
+    for b, n in enumerate(real.tolist()):
+        if n:
+            dense[b, :, t - n:, t - n:] = spec.dense(n, n, device=real.device)[b if spec.batch_size else 0]
+    return TensorMask(dense)
 
 
 def _drop_if_all(valid: torch.Tensor | None) -> torch.Tensor | None:

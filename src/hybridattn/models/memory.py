@@ -5,9 +5,12 @@ the same model would cost with softmax attention in every layer.
     p.cache_bytes, p.softmax_only.cache_bytes
     print_plan(p)                                  # rich tables
 
-Numbers are exact, not estimates: the layers are built on the ``meta`` device (no memory) to count parameters,
+Numbers are counted, not estimated: the layers are built on the ``meta`` device (no memory) to count parameters,
 and every layer's ``new_cache`` is asked for its tensors. A KV cache holds, per row and slot, a key and a value
-of ``Hkv * D`` entries plus a validity flag (1 byte), and a per-row counter of real tokens (8 bytes);
+of ``Hkv * D`` entries plus a validity flag (1 byte), and a per-row counter of real tokens (8 bytes); the plan
+counts one slot per token of the context, what the tokens occupy. A growing cache allocates its slots in doublings
+from 64 (or exactly what one long prefill needs), so its ``nbytes()`` can exceed the plan by up to 2x between two
+doublings;
 a sliding-window cache has ``W`` slots whatever the context; a ``RecurrentCache`` holds a state ``[H, Dk, Dv]``
 (float32) and a conv tail ``[K - 1, C]`` (model dtype) per row, also independent of the context. Composite caches
 add their parts: DSA's ``DSACache`` is a KV cache plus one indexer key ``[Di]`` per slot (counted as keys), and
