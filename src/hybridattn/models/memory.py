@@ -10,8 +10,8 @@ and every layer's ``new_cache`` is asked for its tensors. A KV cache holds, per 
 of ``Hkv * D`` entries plus a validity flag (1 byte), and a per-row counter of real tokens (8 bytes); the plan
 counts one slot per token of the context, what the tokens occupy. A growing cache allocates its slots in doublings
 from 64 (or exactly what one long prefill needs), so its ``nbytes()`` can exceed the plan by up to 2x between
-two doublings; a sliding-window cache has ``W`` slots whatever the context; a ``RecurrentCache`` holds a state ``[H, Dk, Dv]``
-(float32) and a conv tail ``[K - 1, C]`` (model dtype) per row, also independent of the context. Composite caches
+two doublings; a sliding-window cache has ``W`` slots whatever the context; a ``RecurrentCache`` holds a state
+``[H, Dk, Dv]`` (float32) and a conv tail ``[K - 1, C]`` (model dtype) per row, also independent of the context. Composite caches
 add their parts: DSA's ``DSACache`` is a KV cache plus one indexer key ``[Di]`` per slot (counted as keys), and
 ``conv_attention``'s a KV cache plus a conv tail. Other caches are assumed not to grow.
 
