@@ -12,8 +12,8 @@ counts one slot per token of the context, what the tokens occupy. A growing cach
 from 64 (or exactly what one long prefill needs), so its ``nbytes()`` can exceed the plan by up to 2x between
 two doublings; a sliding-window cache has ``W`` slots whatever the context; a ``RecurrentCache`` holds a state
 ``[H, Dk, Dv]`` (float32) and a conv tail ``[K - 1, C]`` (model dtype) per row, also independent of the context.
-Composite caches add their parts: DSA's ``DSACache`` is a KV cache plus one indexer key ``[Di]`` per slot (counted as keys), and
-``conv_attention``'s a KV cache plus a conv tail. Other caches are assumed not to grow.
+Composite caches add their parts: DSA's ``DSACache`` is a KV cache plus one indexer key ``[Di]`` per slot
+(counted as keys), and ``conv_attention``'s a KV cache plus a conv tail. Other caches are assumed not to grow.
 
 Only decoder layouts are planned: a layer whose mixer is not causal (Linformer, LSH) or has no cache raises
 ``ValueError`` naming ``layers[i]``.
