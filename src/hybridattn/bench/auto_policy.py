@@ -4,9 +4,9 @@
 Below ``DENSE_LIMIT`` SDPA can take a sparse mask as a dense ``T x T`` boolean tensor and compute every tile, or
 the block-sparse kernel can skip the tiles the mask empties. Short sequences favour SDPA (one fused call, no
 per-block work), long ones block-sparse. This prints, per spec and length, the fraction of the kernel's own tiles
-(``_tiles``: 32 x 32 below T=512, 64 x 32 from there) the mask keeps, the median forward and forward + backward times of both backends (fp32, timed in
-alternation so that noise hits both alike), ``auto``'s choice, and PASS when that choice is within
-``--slack`` of the faster one in both modes, else MISS. ``docs/benchmarks.md`` holds a measured table.
+(``_tiles``: 32 x 32 below T=512, 64 x 32 from there) the mask keeps, the median forward and forward + backward
+times of both backends (fp32, timed in alternation so that noise hits both alike), ``auto``'s choice, and PASS when
+that choice is within ``--slack`` of the faster one in both modes, else MISS. ``docs/benchmarks.md`` holds a measured table.
 """
 
 from __future__ import annotations
