@@ -105,3 +105,19 @@ def test_block_layout_sized_for_the_real_tokens_takes_padded_batches():
         full = layer(x, token_mask=mask)
         for row, pad in enumerate([2, 8]):
             torch.testing.assert_close(full[row, pad:], layer(x[row:row + 1, pad:])[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["bigbird", "block_sparse", "longformer"])
+def test_a_call_of_padding_only_then_real_tokens(name):
+    # a first chunk that is all padding leaves zero real tokens: the pattern is still evaluated (over one position)
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, n_kv_heads=2, positions="alibi", pattern=PATTERNS[name]).double().eval()
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        cache = layer.new_cache(1)
+        first = layer(x[:, :2], cache=cache, token_mask=torch.zeros(1, 2, dtype=torch.bool))
+        rest = layer(x[:, 2:], cache=cache)
+        assert torch.equal(first, torch.zeros_like(first))
+        torch.testing.assert_close(rest, layer(x[:, 2:]), rtol=1e-12, atol=1e-12)
+        assert torch.equal(layer(x, token_mask=torch.zeros(1, 6, dtype=torch.bool)), torch.zeros(1, 6, 32,
+                                                                                              dtype=torch.float64))

@@ -365,13 +365,15 @@ class MultiHeadAttention(nn.Module):
                 return _per_row_pattern(self._spec, real, t)
             positions = slot_positions(real, t)  # (B, T), padding negative
             # the longest row's length, not T: a layout sized for the real tokens need not cover the padding
-            return at_positions(self._spec, positions, positions, length=int(real.max()))
+            # (at least 1: a spec over zero positions has no layout, and a call may be all padding)
+            return at_positions(self._spec, positions, positions, length=max(1, int(real.max())))
         if cache.consecutive and self._reach.relative:
             return self._spec
         positions = cache.key_positions(num_keys)  # (B|1, L), or None when the slots are the positions
         if positions is None:
             return self._spec
-        return at_positions(self._spec, positions[:, num_keys - t:], positions, length=int(cache.real_tokens.max()))
+        length = max(1, int(cache.real_tokens.max()))
+        return at_positions(self._spec, positions[:, num_keys - t:], positions, length=length)
 
     @staticmethod
     def _mask(key_valid, pattern):
