@@ -118,9 +118,9 @@ def independent_windows(hashed, *, n_buckets, n_hashes, causal, seed, chunk_size
     return keep
 
 
-def independent_lsh(q, k, v, *, n_buckets, n_hashes, causal, seed, chunk_size):
-    """Reformer LSH attention with duplicates, in float64: per round a softmax over that round's window (self pair
-    at -1e5 under shared-QK), rounds combined by a softmax over their lse."""
+def _independent(q, k, v, per_head, *, n_buckets, n_hashes, causal, seed, chunk_size):
+    """``[B, T, H, Dv]`` from ``per_head(s, windows, v)`` for each batch row and head: ``s`` the float64 logits
+    ``[T, T]`` (self pair at -1e5 under shared-QK), ``windows`` ``[R, T, T]`` the rounds' attended pairs."""
     shared = k is None
     windows = independent_windows(q if shared else k, n_buckets=n_buckets, n_hashes=n_hashes, causal=causal,
                                   seed=seed, chunk_size=chunk_size)
@@ -135,46 +135,42 @@ def independent_lsh(q, k, v, *, n_buckets, n_hashes, causal, seed, chunk_size):
             s = d ** -0.5 * q[bi, :, hi] @ k[bi, :, j].T  # (T, T)
             if shared:
                 s = torch.where(torch.eye(t, dtype=torch.bool), torch.full_like(s, -1e5), s)
-            outs, lses = [], []
-            for r in range(n_hashes):
-                sr = s.masked_fill(~windows[bi, j, r], float("-inf"))
-                lse = torch.logsumexp(sr, -1)
-                outs.append(torch.softmax(sr, -1).nan_to_num(0.0) @ v[bi, :, j])
-                lses.append(lse)
-            lse = torch.stack(lses)  # (R, T)
-            w = torch.softmax(lse, 0).nan_to_num(0.0)
-            heads.append((w[..., None] * torch.stack(outs)).sum(0))
+            heads.append(per_head(s, windows[bi, j], v[bi, :, j]))
         rows.append(torch.stack(heads, 1))
     return torch.stack(rows)
 
 
-def independent_lsh_dedup(q, k, v, *, n_buckets, n_hashes, causal, seed, chunk_size):
+def _rounds_with_duplicates(s, windows, v):
+    # per round a softmax over that round's window, rounds combined by a softmax over their lse
+    outs, lses = [], []
+    for seen in windows:
+        sr = s.masked_fill(~seen, float("-inf"))
+        lses.append(torch.logsumexp(sr, -1))
+        outs.append(torch.softmax(sr, -1).nan_to_num(0.0) @ v)
+    w = torch.softmax(torch.stack(lses), 0).nan_to_num(0.0)  # (R, T)
+    return (w[..., None] * torch.stack(outs)).sum(0)
+
+
+def _rounds_deduplicated(s, windows, v):
+    n_ij = windows.sum(0).clamp(min=1).double()
+    # unseen pairs at -inf, so that exp cannot overflow for them; every query sees itself in its own chunk, so each
+    # row has a finite max to subtract
+    s = s.masked_fill(~windows.any(0), float("-inf"))
+    s = s - s.amax(-1, keepdim=True).detach()
+    w = sum(torch.where(seen, torch.exp(s - n_ij.log()), torch.zeros_like(s)) for seen in windows)
+    return (w / w.sum(-1, keepdim=True)) @ v
+
+
+def independent_lsh(q, k, v, **options):
+    """Reformer LSH attention with duplicates, in float64: per round a softmax over that round's window (self pair
+    at -1e5 under shared-QK), rounds combined by a softmax over their lse."""
+    return _independent(q, k, v, _rounds_with_duplicates, **options)
+
+
+def independent_lsh_dedup(q, k, v, **options):
     """The paper's correction by brute force, in float64: N_ij = rounds whose window holds (i, j); pair weight
     ``sum over those rounds of exp(s_ij - log N_ij)``, normalised over every pair of the query's row."""
-    shared = k is None
-    windows = independent_windows(q if shared else k, n_buckets=n_buckets, n_hashes=n_hashes, causal=causal,
-                                  seed=seed, chunk_size=chunk_size)
-    k = torch.nn.functional.normalize(q, dim=-1) if shared else k
-    b, t, h, d = q.shape
-    hkv = k.shape[2]
-    rows = []
-    for bi in range(b):
-        heads = []
-        for hi in range(h):
-            j = hi // (h // hkv)
-            s = d ** -0.5 * q[bi, :, hi] @ k[bi, :, j].T
-            if shared:
-                s = torch.where(torch.eye(t, dtype=torch.bool), torch.full_like(s, -1e5), s)
-            seen = windows[bi, j]  # (R, T, T)
-            n_ij = seen.sum(0).clamp(min=1).double()
-            # unseen pairs at -inf, so that exp cannot overflow for them; every query sees itself in its own
-            # chunk, so each row has a finite max to subtract
-            s = s.masked_fill(~seen.any(0), float("-inf"))
-            s = s - s.amax(-1, keepdim=True).detach()
-            w = sum(torch.where(seen[r], torch.exp(s - n_ij.log()), torch.zeros_like(s)) for r in range(n_hashes))
-            heads.append((w / w.sum(-1, keepdim=True)) @ v[bi, :, j])
-        rows.append(torch.stack(heads, 1))
-    return torch.stack(rows)
+    return _independent(q, k, v, _rounds_deduplicated, **options)
 
 
 @pytest.mark.parametrize("dup", [False, True], ids=["dedup", "dup"])
