@@ -24,4 +24,4 @@ def test_synthetic_cache_has_the_planned_size_and_decodes_like_a_real_one():
     with torch.no_grad():
         a, _ = model(torch.tensor([[5]]), cache=synthetic)
         b, _ = model(torch.tensor([[5]]), cache=real)
-    assert torch.equal(a, b)
+    torch.testing.assert_close(a, b)  # the same arithmetic on caches at other addresses: fp32 tolerance

@@ -20,7 +20,8 @@ def test_round_trip_is_exact(preset, tmp_path):
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     ids = torch.randint(0, 256, (2, 9))
-    assert torch.equal(model(ids), loaded(ids))
+    # the weights are bit-equal (above); two instances' forwards may round differently in BLAS: fp32 tolerance
+    torch.testing.assert_close(model(ids), loaded(ids))
     with safe_open(tmp_path / "model.safetensors", "pt") as f:  # safetensors, tied weight stored once
         keys = set(f.keys())
     assert ("lm_head.weight" in keys) == (not model.config.tie_embeddings)

@@ -108,7 +108,7 @@ def test_user_registered_mixer_is_usable_in_layouts():
     # causal: changing the last token leaves earlier logits unchanged
     ids2 = ids.clone()
     ids2[0, -1] = (ids2[0, -1] + 1) % 256
-    assert torch.equal(model(ids2)[:, :-1], out[:, :-1])
+    torch.testing.assert_close(model(ids2)[:, :-1], out[:, :-1])  # another forward: fp32 rounding tolerance
 
 
 @given(st.lists(st.sampled_from(["gated_deltanet", "attention", "gla", "mamba2"]), min_size=1, max_size=12),

@@ -94,10 +94,11 @@ def test_logits_at_selected_positions():
     model = make_model("hybrid-3:1")
     ids = torch.randint(0, 50, (2, 11))
     full = model(ids)
-    assert torch.equal(model(ids, logits_at=torch.tensor([0, 4, -1])), full[:, [0, 4, 10]])
+    # the selected rows go through GEMMs of other shapes than the full forward: BLAS may round them differently
+    torch.testing.assert_close(model(ids, logits_at=torch.tensor([0, 4, -1])), full[:, [0, 4, 10]])
     per_row = torch.tensor([[1, 2], [9, 3]])
     expected = torch.stack([full[0, [1, 2]], full[1, [9, 3]]])
-    assert torch.equal(model(ids, logits_at=per_row), expected)
+    torch.testing.assert_close(model(ids, logits_at=per_row), expected)
     with pytest.raises(ValueError, match="logits_at: expected positions in"):
         model(ids, logits_at=torch.tensor([11]))
 

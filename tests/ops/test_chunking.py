@@ -30,7 +30,7 @@ def test_decay_matrix_is_the_masked_flushed_exponential_of_differences():
     diff = gam - gam.mT
     want = torch.where((diff > FLUSH_LOG_DECAY) & mask.bool(), diff.clamp(max=50).exp(), 0.0)
     got = decay_matrix(gam, mask)
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=4e-16, atol=0)  # exp of the same float64 values in other kernels
     assert (got[:2] == 0).any() and (got[:2].tril() > 0).any()  # both branches are exercised
 
 

@@ -75,7 +75,8 @@ def test_rope_per_row_positions_equal_separate_calls_and_zero_is_identity():
     pos = torch.tensor([[0, 0, 0, 1, 2], [7, 8, 9, 10, 11]])
     both = apply_rotary(x, pos)
     for row in range(2):
-        torch.testing.assert_close(both[row : row + 1], apply_rotary(x[row : row + 1], pos[row]), rtol=0, atol=0)
+        # the sin/cos tables have other shapes (vector body vs scalar tail): fp32 tolerance
+        torch.testing.assert_close(both[row : row + 1], apply_rotary(x[row : row + 1], pos[row]))
     torch.testing.assert_close(both[0, :3], x[0, :3], rtol=1e-6, atol=1e-6)
 
 

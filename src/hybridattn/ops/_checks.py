@@ -46,16 +46,6 @@ def check_shape(name: str, x: torch.Tensor, expected: Sequence[int]) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, received {tuple(x.shape)}")
 
 
-def check_broadcastable(name: str, x: torch.Tensor, target: Sequence[int]) -> None:
-    """Check that ``x`` broadcasts to ``target`` without adding leading dimensions (no silent broadcasting
-    of a wrong rank: ``x`` must have exactly ``len(target)`` dimensions, each 1 or equal to the target)."""
-    if x.dim() != len(target) or any(s not in (1, t) for s, t in zip(x.shape, target)):
-        raise ValueError(
-            f"{name}: expected a shape broadcastable to {tuple(target)} "
-            f"(each dimension 1 or equal, {len(target)} dimensions), received {tuple(x.shape)}"
-        )
-
-
 def check_heads_divisible(name: str, heads: int, ref_name: str, ref_heads: int) -> None:
     """Check GQA/GVA head counts: ``heads`` must be a multiple of ``ref_heads``."""
     if ref_heads == 0 or heads % ref_heads != 0:
@@ -110,15 +100,20 @@ def check_choice(name: str, value, choices: Iterable) -> None:
         raise ValueError(f"{name}: expected one of {choices}, received {value!r}")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, *, batch: int) -> torch.Tensor:
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_cu_seqlens(cu_seqlens, total: int, *, batch: int, device=None) -> torch.Tensor:
     """Check flash-attn style ``cu_seqlens``: int tensor ``[N+1]``, starts at 0, non-decreasing, ends at
-    ``total``; packed inputs must have batch size 1."""
+    ``total``; packed inputs must have batch size 1; on ``device`` (the inputs') when given."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens: expected a torch.Tensor, received {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected shape [N + 1] with N >= 1, received {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.is_floating_point():
-        raise TypeError(f"cu_seqlens: expected an integer dtype, received {cu_seqlens.dtype}")
+    if cu_seqlens.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"cu_seqlens: expected an integer dtype (int32 or int64), received {cu_seqlens.dtype}")
+    if device is not None and cu_seqlens.device != torch.device(device):
+        raise ValueError(f"cu_seqlens: expected device {device} (the device of q), received {cu_seqlens.device}")
     if batch != 1:
         raise ValueError(f"cu_seqlens: packed sequences expect batch size 1, received batch size {batch}")
     first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])

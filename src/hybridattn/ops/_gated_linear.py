@@ -31,11 +31,13 @@ from hybridattn.ops._checks import (
     check_choice,
     check_cu_seqlens,
     check_heads_divisible,
+    check_number,
     check_positive_int,
     check_same,
     check_shape,
     check_tensor,
 )
+from hybridattn.ops._chunking import FLUSH_LOG_DECAY
 from hybridattn.ops._gated_linear_chunk import chunk_scalar_decay
 
 MODES = ("chunk", "parallel", "recurrent")
@@ -52,9 +54,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def validate(q, k, v, *, scale, initial_state, mode, chunk_size, cu_seqlens, return_attention):
+def validate(q, k, v, *, scale, initial_state, mode, chunk_size, cu_seqlens, return_attention,
+             packed_attention=False):
     """Check q/k/v, the options and the initial state; return ``(B, T, Hk, Dk, Hv, Dv, N)`` (N = batch rows
-    of the state: B, or the number of packed sequences)."""
+    of the state: B, or the number of packed sequences). The one validation of every linear op (``gla``,
+    ``simple_gla``, ``retention``, ``linear_attention``, the delta rules); ``packed_attention``: the op can return
+    the attention matrix of packed sequences."""
     b, t, hk, dk = check_bthd("q", q)
     check_bthd("k", k)
     check_shape("k", k, q.shape)
@@ -66,16 +71,16 @@ def validate(q, k, v, *, scale, initial_state, mode, chunk_size, cu_seqlens, ret
     check_heads_divisible("v", hv, "q", hk)
     check_choice("mode", mode, MODES)
     check_positive_int("chunk_size", chunk_size)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale: expected a float or None, received {type(scale).__name__}")
+    if scale is not None:
+        check_number("scale", scale)
     if return_attention and mode != "parallel":
         raise ValueError(f"return_attention: expected mode='parallel' (the form that builds the T x T matrix), "
                          f"received mode={mode!r}")
     n = b
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, t, batch=b)
+        check_cu_seqlens(cu_seqlens, t, batch=b, device=q.device)
         n = cu_seqlens.numel() - 1
-        if return_attention:
+        if return_attention and not packed_attention:
             raise ValueError("return_attention: not supported with cu_seqlens (call each sequence on its own)")
     check_initial_state(initial_state, (n, hv, dk, dv), q)
     return b, t, hk, dk, hv, dv, n
@@ -103,6 +108,24 @@ def check_log_decay(name: str, g: torch.Tensor, ref: torch.Tensor, shape) -> Non
     if bool(bad.any()):
         raise ValueError(f"{name}: expected log-decays <= 0 (decay factors exp({name}) in [0, 1]), received "
                          f"{g[bad].flatten()[0].item()!r} at index {tuple(bad.nonzero()[0].tolist())}")
+
+
+def clamp_log_decay(g: torch.Tensor) -> torch.Tensor:
+    """Log-decays floored at ``FLUSH_LOG_DECAY``: a gate of ``-inf`` (a hard reset, or a model's decay that
+    overflowed) would make the cumulative differences of the chunk and parallel forms ``-inf - -inf = NaN``; at the
+    floor the decay factor is already an exact zero (:func:`~hybridattn.ops._chunking.exp_flushed`)."""
+    return g.clamp(min=FLUSH_LOG_DECAY)
+
+
+def safe_mode(mode: str, *tensors) -> str:
+    """``"recurrent"`` when some input is not finite, else ``mode``. Why: the chunk and parallel forms multiply the
+    zeros of their causal masks into later tokens' keys and values in dense products, and ``0 * nan`` is NaN, so a
+    NaN at token t would reach outputs before t; the token loop never reads the future. One summed check per call
+    (conservative: a sum that overflows also takes the loop, which is exact anyway)."""
+    if mode == "recurrent":
+        return mode
+    total = sum(x.sum() for x in tensors if x is not None and x.numel())
+    return mode if not isinstance(total, torch.Tensor) or bool(torch.isfinite(total)) else "recurrent"
 
 
 # -- packed sequences -------------------------------------------------------------------------------------------
@@ -225,9 +248,9 @@ def run(q, k, v, g, *, scale, initial_state, output_final_state, mode, chunk_siz
         index, valid = _padding_index(cu_seqlens, q.device)
         q, k, v = (_pad_packed(x, index, valid) for x in (q, k, v))
         g = _pad_packed(g, index, valid) if g is not None else None
-    # -inf gates (a hard reset) would give -inf - -inf = NaN in cumulative differences; exp(-1000) is already 0
-    g = g.to(ct).clamp(min=-1000.0) if g is not None else None
+    g = clamp_log_decay(g.to(ct)) if g is not None else None
     h0 = initial_state.to(ct) if initial_state is not None else None
+    mode = safe_mode(mode, q, k, v, h0)
     attention = None
     if mode == "chunk" and (g is None or g.shape[-1] == 1) and q.shape[1] > 0:
         # scalar or no decay: the streaming form, token-major [B, T, H, D] in and out

@@ -31,17 +31,8 @@ import torch
 
 from hybridattn.ops._chunking import exp_flushed
 from hybridattn.ops._gated_delta_chunk import attention_matrix, chunk_gated_delta_rule
-from hybridattn.ops._checks import (
-    check_bthd,
-    check_choice,
-    check_cu_seqlens,
-    check_heads_divisible,
-    check_positive_int,
-    check_shape,
-    check_tensor,
-)
-
-MODES = ("chunk", "parallel", "recurrent")
+from hybridattn.ops._checks import check_shape, check_tensor
+from hybridattn.ops._gated_linear import MODES, check_log_decay, clamp_log_decay, safe_mode, validate
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -125,45 +116,19 @@ def _recurrent(q, k, v, g, beta, scale, h0):
 # --------------------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------------------
-def _check_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
-    if x.device != ref.device:
-        raise ValueError(f"{name}: expected device {ref.device} (the device of q), received {x.device}")
-
-
 def _validate(q, k, v, g, beta, *, scale, initial_state, mode, chunk_size, cu_seqlens, return_attention):
-    """Check every argument; returns the number of sequences (B, or N when packed)."""
-    b, t, hk, dk = check_bthd("q", q)
-    check_bthd("k", k)
-    check_shape("k", k, q.shape)
-    vb, vt, hv, dv = check_bthd("v", v)
-    if (vb, vt) != (b, t):
-        raise ValueError(f"v: expected batch and length ({b}, {t}) like q, received shape {tuple(v.shape)}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), received {x.dtype}")
-        _check_device(name, x, q)
-    check_heads_divisible("v", hv, "q", hk)
+    """Check every argument with the linear family's one validation; returns the number of sequences (B, or N
+    when packed)."""
+    b, t, _, _, hv, _, n = validate(q, k, v, scale=scale, initial_state=initial_state, mode=mode,
+                                    chunk_size=chunk_size, cu_seqlens=cu_seqlens, return_attention=return_attention,
+                                    packed_attention=True)
     # g and beta may be in another floating dtype (models compute gates in fp32 beside bf16 activations).
-    for name, x in (("g", g), ("beta", beta)):
-        if x is None and name == "g":
-            continue
-        check_tensor(name, x, ndim=3)
-        check_shape(name, x, (b, t, hv))
-        _check_device(name, x, q)
-    check_choice("mode", mode, MODES)
-    check_positive_int("chunk_size", chunk_size)
-    if return_attention and mode != "parallel":
-        raise ValueError(f"return_attention: expected mode='parallel' (the form that builds it), received {mode!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale: expected a float or None, received {type(scale).__name__}")
-    n = b
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, t, batch=b)
-        n = cu_seqlens.numel() - 1
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, ndim=4)
-        check_shape("initial_state", initial_state, (n, hv, dk, dv))
-        _check_device("initial_state", initial_state, q)
+    if g is not None:
+        check_log_decay("g", g, q, (b, t, hv))
+    check_tensor("beta", beta, ndim=3)
+    check_shape("beta", beta, (b, t, hv))
+    if beta.device != q.device:
+        raise ValueError(f"beta: expected device {q.device} (the device of q), received {beta.device}")
     return n
 
 
@@ -206,7 +171,8 @@ def gated_delta_rule(
     Args:
         q, k: ``[B, T, Hk, Dk]``.
         v: ``[B, T, Hv, Dv]``, ``Hv % Hk == 0`` (GVA: value head ``h`` reads key head ``h // (Hv // Hk)``).
-        g: ``[B, T, Hv]`` log-decay per token and value head (normally <= 0), or None for no decay (delta rule).
+        g: ``[B, T, Hv]`` log-decay per token and value head (<= 0; ``-inf`` resets the state), or None for no
+            decay (delta rule).
         beta: ``[B, T, Hv]`` write strength, normally in (0, 1).
         scale: query scale; default ``Dk ** -0.5``.
         initial_state: ``[B, Hv, Dk, Dv]`` (``[N, Hv, Dk, Dv]`` with ``cu_seqlens``), or None for zeros.
@@ -227,7 +193,10 @@ def gated_delta_rule(
     Raises:
         TypeError: a non-tensor or non-floating input, k/v dtype unlike q's, a non-int chunk_size.
         ValueError: mismatched shapes or devices, ``Hv % Hk != 0``, an unknown mode, a bad ``cu_seqlens``,
-            ``return_attention`` outside parallel mode.
+            ``return_attention`` outside parallel mode, a log-decay ``g > 0`` or NaN, a non-finite ``scale``.
+
+    A non-finite q, k, v, beta or initial state runs the token loop whatever ``mode`` says: the other forms would
+    carry a NaN at token t into outputs before t (``_gated_linear.safe_mode``).
     """
     _validate(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, mode=mode, chunk_size=chunk_size,
@@ -237,8 +206,9 @@ def gated_delta_rule(
     out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
     scale = dk**-0.5 if scale is None else float(scale)
     q, k, v, beta = q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt)
-    g = None if g is None else g.to(cdt)
+    g = None if g is None else clamp_log_decay(g.to(cdt))
     h0 = None if initial_state is None else initial_state.to(cdt)
+    mode = "parallel" if return_attention else safe_mode(mode, q, k, v, beta, h0)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     index = None

@@ -129,6 +129,10 @@ def sdpa_attention(q, k, v, *, mask, bias, scale, softcap):
     tq, tk = q.shape[1], k.shape[1]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     gqa = q.shape[2] != k.shape[2]
+    if scale <= 0:
+        # SDPA's fused CPU kernels return NaN for a causal call with a scale <= 0 (their running maximum assumes a
+        # positive one); scaling q first is the same product
+        qh, scale = qh * scale, 1.0
     if bias is None and (mask is None or (type(mask) is Causal and tq == tk)):
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=mask is not None, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2)
@@ -262,6 +266,41 @@ def softmax_attention(q, k, v, *, causal: bool = False, mask=None, bias=None, sc
         o = q.new_zeros(b, tq, hq, dv) + 0 * (q.sum() + k.sum() + v.sum())
         return (o, q.new_zeros(b, hq, tq, tk, dtype=accumulation_dtype(q.dtype))) if return_weights else o
     kwargs = dict(mask=spec, bias=score_bias, scale=scale, softcap=softcap)
+    poison = None
+    if spec is not None and not bool(torch.isfinite(k.sum() + v.sum())):
+        k, v, poison = _unread_nonfinite(k, v, spec, hq)
     if return_weights:
-        return naive_attention(q, k, v, return_weights=True, **kwargs)
-    return BACKENDS[backend](q, k, v, **kwargs)
+        o, w = naive_attention(q, k, v, return_weights=True, **kwargs)
+        return (o if poison is None else poison(o)), w
+    o = BACKENDS[backend](q, k, v, **kwargs)
+    return o if poison is None else poison(o)
+
+
+def _unread_nonfinite(k, v, spec: MaskSpec, hq: int):
+    """Masked means not read, NaN included. Every backend multiplies masked weights (exact zeros) into values in
+    a dense product, and ``0 * nan`` is NaN, so a non-finite key or value at a masked position (padding, the
+    future) would reach rows that never see it. Called only when some key or value is not finite (one summed
+    check per call, a conservative test): zero the non-finite entries, run the backend, then set to NaN exactly
+    what the math reads: every output of a row that keeps a non-finite key, and column ``d`` of a row that keeps
+    a value non-finite in ``d``. Returns ``(k, v, poison)`` with ``poison(o) -> o``."""
+    b, _, hkv, dv = v.shape
+    bad_k = ~torch.isfinite(k).all(-1)                         # (B, Tk, Hkv)
+    bad_v = ~torch.isfinite(v)                                 # (B, Tk, Hkv, Dv)
+    k = torch.where(torch.isfinite(k), k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(bad_v, torch.zeros((), dtype=v.dtype, device=v.device), v)
+    # per key and head: which value columns a row that keeps this key reads as NaN (all of them for a bad key)
+    bad = (bad_v | bad_k[..., None]).to(torch.float32).transpose(1, 2)   # (B, Hkv, Tk, Dv)
+    bad = bad.repeat_interleave(hq // hkv, dim=1)                        # (B, Hq, Tk, Dv)
+    tk = k.shape[1]
+
+    def poison(o):
+        tq = o.shape[1]
+        seen = torch.empty(b, hq, tq, dv, dtype=torch.bool, device=o.device)
+        step = max(1, 2**22 // max(1, tk))  # rows per block: a few MiB of dense mask at a time
+        for r0 in range(0, tq, step):
+            r1 = min(tq, r0 + step)
+            keep = spec.dense_rows(tq, tk, r0, r1, device=o.device).to(torch.float32)  # (B|1, H|1, rows, Tk)
+            seen[:, :, r0:r1] = (keep @ bad) > 0
+        return torch.where(seen.transpose(1, 2), torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
+
+    return k, v, poison

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--save", default=None, help="directory for the final model")
+    parser.add_argument("--allow-changed", action="append", default=[], metavar="FIELD",
+                        help="resume a checkpoint although this TrainConfig field differs (e.g. steps); repeatable")
     args = parser.parse_args(argv)
 
     from hybridattn.models import HybridLM, ModelConfig
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(info.device)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16,
                         checkpoint_every=args.checkpoint_every if args.checkpoint_dir else 0)
-    result = Trainer(model, task, train, checkpoint_dir=args.checkpoint_dir, dist=info).fit()
+    result = Trainer(model, task, train, checkpoint_dir=args.checkpoint_dir, dist=info,
+                     allow_changed=tuple(args.allow_changed)).fit()
     if info.is_main:
         print(json.dumps({"final": result.final, "tokens_per_s": result.tokens_per_s}))
         save = args.save or (f"{args.checkpoint_dir}/final" if args.checkpoint_dir else None)

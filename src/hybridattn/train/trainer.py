@@ -37,6 +37,10 @@ from hybridattn.train.distributed import DistInfo, all_reduce_sum, barrier, loca
 #: eval examples come from this seed of the eval split for every run, so all models see the same ones
 EVAL_SEED = 0
 
+#: TrainConfig fields that may differ between a checkpoint and the run resuming it: they do not change what is
+#: trained (when to evaluate or save, the progress bar)
+RESUME_SAFE_FIELDS = frozenset({"eval_every", "checkpoint_every", "progress", "eval_examples", "eval_batch_size"})
+
 
 @dataclass
 class TrainConfig:
@@ -143,15 +147,24 @@ class Trainer:
         checkpoint_dir: where checkpoints go and where a run resumes from (None: no checkpoints).
         dist: the process's place in a ``torchrun`` job (default: a single process).
         step_callback: called as ``fn(step, record)`` after each step (on every process).
+        allow_changed: ``TrainConfig`` field names that may differ from the checkpoint's when resuming (e.g.
+            ``("steps",)`` to train a finished run further); others refuse.
 
     Raises:
-        ValueError: ``checkpoint_every`` without a ``checkpoint_dir``; a batch not divisible by processes.
+        ValueError: ``checkpoint_every`` without a ``checkpoint_dir``; a batch not divisible by processes; an
+            unknown name in ``allow_changed``.
     """
 
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, *, checkpoint_dir=None,
-                 dist: DistInfo | None = None, step_callback: Callable[[int, dict], None] | None = None):
+                 dist: DistInfo | None = None, step_callback: Callable[[int, dict], None] | None = None,
+                 allow_changed: tuple[str, ...] = ()):
         if config.checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_dir: expected a directory when checkpoint_every > 0, received None")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(allow_changed) - fields)
+        if unknown:
+            raise ValueError(f"allow_changed: expected TrainConfig field names, received {unknown}")
+        self.allow_changed = frozenset(allow_changed)
         self.dist = dist or DistInfo()
         self.local = local_slice(config.batch_size, self.dist)
         self.model = model
@@ -222,11 +235,34 @@ class Trainer:
                                  step=self.step, state=self._state())
         barrier(self.dist)
 
+    def _check_resumed_config(self, state: dict) -> None:
+        """Refuse to continue a run under other settings than it was written with (two runs mixed in one)."""
+        saved = state.get("config") or {}
+        current = dataclasses.asdict(self.config)
+        differ = {}
+        for name, value in current.items():
+            old = saved.get(name, value)
+            old = tuple(old) if isinstance(old, list) else old
+            if old != value and name not in RESUME_SAFE_FIELDS and name not in self.allow_changed:
+                differ[name] = (old, value)
+        if differ:
+            listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in differ.items())
+            raise ValueError(f"checkpoint_dir: {self.checkpoint_dir} holds a run with other settings ({listed}); "
+                             f"resume it with its own settings, start in another directory, or pass "
+                             f"allow_changed={tuple(differ)!r} to continue under the new ones")
+
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``checkpoint_dir`` if there is one; True when resumed."""
+        """Load the latest checkpoint of ``checkpoint_dir`` that verifies, if there is one; True when resumed.
+
+        Raises:
+            ValueError: the checkpoint was written under another ``TrainConfig`` (the differences are listed;
+                fields in ``allow_changed`` and those that do not change the run, ``RESUME_SAFE_FIELDS``, may
+                differ).
+        """
         if self.checkpoint_dir is None:
             return False
-        state = ckpt.load_checkpoint(self.checkpoint_dir, model=self.model, optimizer=self.optimizer)
+        state = ckpt.load_checkpoint(self.checkpoint_dir, model=self.model, optimizer=self.optimizer,
+                                     check_state=self._check_resumed_config)
         if state is None:
             return False
         self.step = state["step"]
