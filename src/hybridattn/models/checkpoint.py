@@ -3,19 +3,29 @@
     model.save_pretrained("ckpt/")
     model = HybridLM.from_pretrained("ckpt/")
 
-Both files are written to temporary names in the target directory and renamed into place, so a crash never
-leaves a half-written checkpoint under the real names. Loading checks every tensor against the model the
-config builds and fails naming the first tensor that is missing, unexpected, or of another shape.
+A save writes the whole directory anew beside the target (``.<name>.tmp-*``), flushes it to disk and swaps it in
+with one atomic exchange (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames whose window leaves the
+old directory intact under ``.<name>.old-*``), so a kill at any moment leaves the previous save or the new one,
+never new weights beside an old config. Files the save does not write (a tokenizer, a README) are carried over.
+Every weights file records the SHA-256 of the ``config.json`` written with it, and loading refuses a pair from two
+saves (``allow_edited_config=True`` accepts a config edited by hand). Loading checks every tensor against the model
+the config builds and fails naming the first tensor that is missing, unexpected, of another shape, or of a
+non-floating dtype where the model has a floating one.
 
 Other on-disk formats plug in through ``FORMATS`` (e.g. the transformers layout of Qwen3-Next): a format
-registers ``save(model, directory)``, ``load(directory, **kwargs) -> HybridLM`` and ``detect(config_dict) ->
-bool``; ``from_pretrained`` picks the first format whose ``detect`` accepts the directory's ``config.json``.
+registers ``save(model, directory)`` (into a new, empty directory), ``load(directory, **kwargs) -> HybridLM`` and
+``detect(config_dict) -> bool``; ``from_pretrained`` picks the first format whose ``detect`` accepts the directory's
+``config.json``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +47,96 @@ class CheckpointFormat:
 FORMATS: dict[str, CheckpointFormat] = {}
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+CONFIG_HASH_KEY = "hybridattn_config_sha256"  # safetensors metadata: the config.json written with the weights
+
+
+def config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_metadata(config_text: str) -> dict[str, str]:
+    """The safetensors metadata every format writes: ties the weights to the ``config.json`` text saved with them."""
+    return {"format": "pt", CONFIG_HASH_KEY: config_digest(config_text)}
+
+
+def check_config_matches(directory: Path, weight_files, *, allow_edited_config: bool = False) -> None:
+    """Refuse ``config.json`` beside weights written with another one (two saves mixed). Weights without the
+    record (written by other tools) pass."""
+    from safetensors import safe_open
+
+    if allow_edited_config:
+        return
+    have = config_digest((directory / CONFIG_NAME).read_text())
+    for f in weight_files:
+        with safe_open(str(f), "pt") as handle:
+            want = (handle.metadata() or {}).get(CONFIG_HASH_KEY)
+        if want is not None and want != have:
+            raise ValueError(f"directory: {directory / CONFIG_NAME} is not the config saved with {f.name} (two saves "
+                             f"mixed, or the config was edited); load with allow_edited_config=True if it was "
+                             f"edited on purpose")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _is_format_file(name: str) -> bool:
+    return name == CONFIG_NAME or (name.startswith("model") and (name.endswith(".safetensors")
+                                                                  or name.endswith(".safetensors.index.json")))
+
+
+def replace_directory(directory, write: Callable[[Path], None]) -> None:
+    """Write a new ``directory`` with ``write(tmp)`` and swap it in as one unit (see the module docstring)."""
+    directory = Path(directory).absolute()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if directory.is_dir():  # carry over what this save does not write (tokenizer files, notes)
+            for entry in directory.iterdir():
+                if (tmp / entry.name).exists() or _is_format_file(entry.name):
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    try:
+                        os.link(entry, tmp / entry.name)
+                    except OSError:
+                        shutil.copy2(entry, tmp / entry.name)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                _fsync(f)
+        _fsync(tmp)
+        if not directory.exists():
+            os.rename(tmp, directory)
+        elif _exchange(tmp, directory):
+            shutil.rmtree(tmp)  # tmp now holds the old contents
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.rename(directory, old / "d")
+            os.rename(tmp, directory)
+            shutil.rmtree(old)
+        _fsync(directory.parent)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -60,28 +151,35 @@ def _weights_to_save(model) -> dict[str, torch.Tensor]:
 def _save_native(model, directory: Path) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(_weights_to_save(model), tmp,
-                                                                   metadata={"format": "pt"}))
-    # config last: a directory with a config.json always has the matching weights beside it
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(model.config.to_json() + "\n"))
+    config_text = model.config.to_json() + "\n"
+    save_file(_weights_to_save(model), str(directory / WEIGHTS_NAME), metadata=weights_metadata(config_text))
+    (directory / CONFIG_NAME).write_text(config_text)
+
+
+def check_dtype(name: str, found: torch.Tensor, ref: torch.Tensor, *, source: str) -> None:
+    """A floating parameter must come from a floating tensor (an integer one would be truncated or reinterpreted)."""
+    if ref.is_floating_point() != found.is_floating_point() or found.is_complex() != ref.is_complex():
+        raise ValueError(f"{source}: tensor {name!r} has dtype {found.dtype} in the checkpoint but the model expects "
+                         f"{ref.dtype}")
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *, source: str) -> None:
-    """Raise ``ValueError`` naming the first tensor that is missing from ``found``, unexpected in it, or of
-    another shape than in ``expected``."""
+    """Raise ``ValueError`` naming the first tensor that is missing from ``found``, unexpected in it, of another
+    shape than in ``expected``, or of a non-floating dtype where ``expected`` is floating (and vice versa)."""
     for name, ref in expected.items():
         if name not in found:
             raise ValueError(f"{source}: tensor {name!r} (shape {tuple(ref.shape)}) is missing from the checkpoint")
         if tuple(found[name].shape) != tuple(ref.shape):
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(found[name].shape)} in the checkpoint but "
                              f"the config expects {tuple(ref.shape)}")
+        check_dtype(name, found[name], ref, source=source)
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
         raise ValueError(f"{source}: tensor {unexpected[0]!r} in the checkpoint is not a parameter of the model the "
                          f"config builds ({len(unexpected)} unexpected tensors)")
 
 
-def _load_native(directory: Path, *, device=None, dtype=None):
+def _load_native(directory: Path, *, device=None, dtype=None, allow_edited_config: bool = False):
     from safetensors.torch import load_file
 
     from hybridattn.models.config import ModelConfig
@@ -95,6 +193,8 @@ def _load_native(directory: Path, *, device=None, dtype=None):
     model = HybridLM(config)
     expected = _weights_to_save(model)
     check_state_dict(expected, found, source=str(weights_path))
+    # after the tensor checks: a config whose shapes disagree gets the more telling error above
+    check_config_matches(directory, [weights_path], allow_edited_config=allow_edited_config)
     model.load_state_dict(found, strict=not config.tie_embeddings)
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
@@ -113,18 +213,17 @@ def save_pretrained(model, directory, *, format: str = "hybridattn") -> None:
     """
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {tuple(FORMATS)}, received {format!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    FORMATS[format].save(model, directory)
+    replace_directory(directory, lambda tmp: FORMATS[format].save(model, tmp))
 
 
-def from_pretrained(directory, *, format: str | None = None, device=None, dtype=None):
+def from_pretrained(directory, *, format: str | None = None, device=None, dtype=None, allow_edited_config=False):
     """Load a ``HybridLM`` from ``directory``; ``format`` None = detected from ``config.json``.
 
     Args:
         directory: a directory written by :func:`save_pretrained` (or another registered format).
         format: force a format by name.
         device, dtype: move/cast the loaded model.
+        allow_edited_config: accept a ``config.json`` that is not the one saved with the weights (edited by hand).
 
     Raises:
         FileNotFoundError: no ``config.json`` / weights.
@@ -141,7 +240,7 @@ def from_pretrained(directory, *, format: str | None = None, device=None, dtype=
             raise ValueError(f"directory: {config_path} matches none of the known formats {tuple(FORMATS)}")
     elif format not in FORMATS:
         raise ValueError(f"format: expected one of {tuple(FORMATS)}, received {format!r}")
-    return FORMATS[format].load(directory, device=device, dtype=dtype)
+    return FORMATS[format].load(directory, device=device, dtype=dtype, allow_edited_config=allow_edited_config)
 
 
 # Qwen3-Next in the transformers layout; the mapping lives in its own module (which does not import this one).

@@ -136,6 +136,10 @@ def state_dict_from_transformers(tensors: Mapping[str, torch.Tensor], expected: 
            for n in sorted(wanted) if tuple(wanted[n].shape) != tuple(tensors[n].shape)]
     if bad:
         raise ValueError("Qwen3-Next checkpoint tensor shapes do not match config.json: " + "; ".join(bad[:8]))
+    from hybridattn.models.checkpoint import check_dtype
+
+    for n in sorted(wanted):
+        check_dtype(n, tensors[n], wanted[n], source="Qwen3-Next checkpoint")
     # Tensors are popped as they are used, so each layer's per-expert tensors can be freed once they are stacked
     # (the experts are nearly all of a real checkpoint's bytes; peak memory stays near one copy).
     out = {}
@@ -167,6 +171,18 @@ def read_safetensors(directory, *, device="cpu") -> dict[str, torch.Tensor]:
     """
     from safetensors.torch import load_file
 
+    tensors = {}
+    for path in weight_files(directory):
+        tensors.update(load_file(str(path), device=str(device)))
+    return tensors
+
+
+def weight_files(directory) -> list[Path]:
+    """The safetensors files of a transformers directory: ``model.safetensors`` or the index's shards.
+
+    Raises:
+        FileNotFoundError: neither file exists, or a shard named by the index is absent.
+    """
     directory = Path(directory)
     index = directory / _INDEX
     if index.is_file():
@@ -175,15 +191,13 @@ def read_safetensors(directory, *, device="cpu") -> dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"directory: expected model.safetensors or {_INDEX} in {directory}, found neither")
-    tensors = {}
     for name in files:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{_INDEX}: lists shard {name}, which is not in {directory}")
-        tensors.update(load_file(str(directory / name), device=str(device)))
-    return tensors
+    return [directory / name for name in files]
 
 
-def load(directory, *, dtype: torch.dtype | None = None, device=None):
+def load(directory, *, dtype: torch.dtype | None = None, device=None, allow_edited_config: bool = False):
     """A ``HybridLM`` from a transformers-format Qwen3-Next directory (see the module docstring).
 
     Args:
@@ -196,6 +210,8 @@ def load(directory, *, dtype: torch.dtype | None = None, device=None):
     """
     from hybridattn.models.hybrid_lm import HybridLM
 
+    from hybridattn.models.checkpoint import check_config_matches
+
     directory = Path(directory)
     config = config_from_transformers(json.loads((directory / "config.json").read_text()))
     with torch.device("meta"):
@@ -203,6 +219,7 @@ def load(directory, *, dtype: torch.dtype | None = None, device=None):
     # passed on without keeping a reference, so the mapping can free tensors as it goes
     state = state_dict_from_transformers(read_safetensors(directory, device="cpu" if device is None else device),
                                          skeleton.state_dict(), config)
+    check_config_matches(directory, weight_files(directory), allow_edited_config=allow_edited_config)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     if any(True for _ in skeleton.buffers()):
@@ -226,6 +243,8 @@ def save(model, directory, *, max_shard_size: int = 5 * 2**30) -> None:
     """
     from safetensors.torch import save_file
 
+    from hybridattn.models.checkpoint import weights_metadata
+
     directory = Path(directory)
     state = model.state_dict()
     dtype = next(iter(state.values())).dtype
@@ -233,7 +252,9 @@ def save(model, directory, *, max_shard_size: int = 5 * 2**30) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict_to_transformers(state, model.config).items()}
     directory.mkdir(parents=True, exist_ok=True)
     # sorted keys, as transformers writes them, so an imported config.json comes back to the letter
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    config_text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+    (directory / "config.json").write_text(config_text)
+    metadata = weights_metadata(config_text)
     shards: list[dict] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -246,12 +267,12 @@ def save(model, directory, *, max_shard_size: int = 5 * 2**30) -> None:
     for stale in list(directory.glob("model*.safetensors")) + [directory / _INDEX]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        save_file(shard, str(directory / fname), metadata=metadata)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
