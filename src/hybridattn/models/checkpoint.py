@@ -204,6 +204,21 @@ def _load_native(directory: Path, *, device=None, dtype=None, allow_edited_confi
 FORMATS["hybridattn"] = CheckpointFormat(save=_save_native, load=_load_native, detect=lambda cfg: "d_model" in cfg)
 
 
+def read_config_json(path: Path) -> dict:
+    """The JSON object of a ``config.json``.
+
+    Raises:
+        ValueError: the file is empty or not JSON; TypeError: it holds no JSON object (each naming the file).
+    """
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: expected a JSON object, the file is not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"{path}: expected a JSON object, received {type(data).__name__}")
+    return data
+
+
 def save_pretrained(model, directory, *, format: str = "hybridattn") -> None:
     """Write ``model`` to ``directory`` (created when missing) in ``format`` (``"hybridattn"``: config.json +
     model.safetensors).
@@ -234,7 +249,7 @@ def from_pretrained(directory, *, format: str | None = None, device=None, dtype=
     if not config_path.exists():
         raise FileNotFoundError(f"directory: expected {CONFIG_NAME} in {directory}")
     if format is None:
-        config = json.loads(config_path.read_text())
+        config = read_config_json(config_path)
         format = next((name for name, f in FORMATS.items() if f.detect(config)), None)
         if format is None:
             raise ValueError(f"directory: {config_path} matches none of the known formats {tuple(FORMATS)}")

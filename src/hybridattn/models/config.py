@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,31 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def _check_coef(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise _err(name, "a float >= 0", value)
+    _check_float(name, value, minimum=0.0)
+
+
+def _check_float(name: str, value, *, minimum: float | None = None, positive: bool = False) -> None:
+    """A finite real number (``bool`` refused), ``> 0`` when ``positive``, ``>= minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, received {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and not value > 0) or (minimum is not None and not value >= minimum):
+        bound = " > 0" if positive else (f" >= {minimum:g}" if minimum is not None else "")
+        raise _err(name, f"a finite float{bound}", value)
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, received {type(value).__name__} {value!r}")
+
+
+def _check_token_id(name: str, value, vocab_size: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected {'None or ' if optional else ''}an int, received "
+                        f"{type(value).__name__} {value!r}")
+    if not 0 <= value < vocab_size:
+        raise _err(name, f"{'None or ' if optional else ''}an id in [0, vocab_size={vocab_size})", value)
 
 
 @dataclass
@@ -72,6 +96,10 @@ class AttentionConfig:
         if self.head_dim is not None:
             _check_int("attention.head_dim", self.head_dim)
         _check_choice("attention.position", self.position, ("rope", "alibi", "t5", "none"))
+        _check_float("attention.rope_theta", self.rope_theta, positive=True)
+        _check_float("attention.partial_rotary_factor", self.partial_rotary_factor, positive=True)
+        for flag in ("output_gate", "qk_norm", "bias"):
+            _check_bool(f"attention.{flag}", getattr(self, flag))
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise _err("attention.partial_rotary_factor", "a float in (0, 1]", self.partial_rotary_factor)
         rotated = int(self.dim(d_model) * self.partial_rotary_factor)
@@ -145,6 +173,13 @@ class FFNConfig:
     intermediate_size: int | None = None  # None = 4 * d_model (gelu) or 8/3 * d_model rounded to 64 (swiglu)
     bias: bool = False                 # biases in the gelu MLP (GPT-2 style); SwiGLU has none
 
+    def validate(self) -> None:
+        if not isinstance(self.kind, str):
+            raise TypeError(f"ffn.kind: expected a str, received {type(self.kind).__name__} {self.kind!r}")
+        if self.intermediate_size is not None:
+            _check_int("ffn.intermediate_size", self.intermediate_size)
+        _check_bool("ffn.bias", self.bias)
+
     def hidden(self, d_model: int) -> int:
         if self.intermediate_size is not None:
             return self.intermediate_size
@@ -173,6 +208,11 @@ class MoEConfig:
         _check_int("moe.shared_expert_intermediate_size", self.shared_expert_intermediate_size, minimum=0)
         _check_int("moe.decoder_sparse_step", self.decoder_sparse_step)
         _check_coef("moe.router_aux_loss_coef", self.router_aux_loss_coef)
+        _check_bool("moe.norm_topk_prob", self.norm_topk_prob)
+        if not isinstance(self.mlp_only_layers, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.mlp_only_layers):
+            raise _err("moe.mlp_only_layers", "a list of layer indices (ints >= 0)", self.mlp_only_layers)
+        self.mlp_only_layers = list(self.mlp_only_layers)
 
     def is_sparse(self, layer_idx: int) -> bool:
         return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
@@ -219,8 +259,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, prefix=name + "."))
-            elif value is not None and not isinstance(value, cls):
-                raise TypeError(f"{name}: expected {cls.__name__} or dict, received {type(value).__name__}")
+            elif not isinstance(value, cls) and not (value is None and name == "moe"):
+                expected = f"{cls.__name__} or dict" + (" or None" if name == "moe" else "")
+                raise TypeError(f"{name}: expected {expected}, received {type(value).__name__}")
         self.validate()
 
     # -- validation and derived values -------------------------------------------------------------------
@@ -231,12 +272,10 @@ class ModelConfig:
         _check_int("d_model", self.d_model)
         _check_int("num_layers", self.num_layers)
         _check_choice("norm", self.norm, ("rms", "rms_zero_centred"))
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise _err("norm_eps", "a float > 0", self.norm_eps)
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise _err("pad_token_id", f"an id in [0, vocab_size={self.vocab_size})", self.pad_token_id)
-        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
-            raise _err("eos_token_id", f"None or an id in [0, vocab_size={self.vocab_size})", self.eos_token_id)
+        _check_float("norm_eps", self.norm_eps, positive=True)
+        _check_token_id("pad_token_id", self.pad_token_id, self.vocab_size)
+        _check_token_id("eos_token_id", self.eos_token_id, self.vocab_size, optional=True)
+        _check_bool("tie_embeddings", self.tie_embeddings)
         known = available_mixers()
         for name in ("linear_mixer", "softmax_mixer"):
             _check_choice(name, getattr(self, name), known)
@@ -256,12 +295,10 @@ class ModelConfig:
         if any(n != self.softmax_mixer for n in types) or self.linear_mixer in types:
             self.linear.validate(self.d_model)
         self.attention.validate(self.d_model)
-        if self.ffn.hidden(self.d_model) < 1:
-            raise _err("ffn.intermediate_size", "an int >= 1", self.ffn.intermediate_size)
+        self.ffn.validate()
         if self.moe is not None:
             self.moe.validate()
-        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
-            raise _err("initializer_range", "a float > 0", self.initializer_range)
+        _check_float("initializer_range", self.initializer_range, positive=True)
         if not isinstance(self.source_fields, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) and set(v) <= {"source", "mapped"}
                 for k, v in self.source_fields.items()):
@@ -314,11 +351,23 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text_or_path) -> "ModelConfig":
-        """Read a config from JSON text or from a file path."""
-        text = str(text_or_path)
+        """Read a config from JSON text or from a file path.
+
+        Raises:
+            ValueError: the text is not JSON (naming the file), or a field is invalid.
+            TypeError: the JSON is not an object, or a field has the wrong type.
+        """
+        text, source = str(text_or_path), "config"
         if not text.lstrip().startswith("{"):
+            source = str(text_or_path)
             text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: expected a JSON object, the text is not JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise TypeError(f"{source}: expected a JSON object, received {type(data).__name__}")
+        return cls.from_dict(data)
 
     # -- presets -------------------------------------------------------------------------------------------
     @classmethod

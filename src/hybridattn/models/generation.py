@@ -12,6 +12,8 @@ Shape legend: B batch, T prompt length, N new tokens, V vocabulary.
 
 from __future__ import annotations
 
+import math
+
 from typing import Iterator, Sequence
 
 import torch
@@ -45,17 +47,37 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, stop, vocab_size) -> list[int]:
     check_positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), received {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a float, received {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), received {temperature!r}")
     if top_k is not None:
         check_positive_int("top_k", top_k)
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
         raise ValueError(f"top_p: expected a number in (0, 1], received {top_p!r}")
-    stops = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
-    for s in stops:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < vocab_size:
-            raise ValueError(f"stop: expected token ids in [0, {vocab_size}), received {stop!r}")
-    return stops
+    return _stop_ids(stop, vocab_size)
+
+
+def _stop_ids(stop, vocab_size: int) -> list[int]:
+    """``stop`` as a list of ints: an int, a sequence of ints or an integer tensor of at most one dimension."""
+    if stop is None:
+        return []
+    if isinstance(stop, torch.Tensor):
+        if stop.is_floating_point() or stop.is_complex() or stop.dtype == torch.bool or stop.dim() > 1:
+            raise TypeError(f"stop: expected an integer tensor of at most one dimension, received "
+                            f"{stop.dtype} of shape {tuple(stop.shape)}")
+        stop = stop.reshape(-1).tolist()
+    elif isinstance(stop, int) and not isinstance(stop, bool):
+        stop = [stop]
+    elif not isinstance(stop, (list, tuple)):
+        raise TypeError(f"stop: expected a token id, a list of them or an integer tensor, received "
+                        f"{type(stop).__name__} {stop!r}")
+    for s in stop:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"stop: expected int token ids, received {type(s).__name__} {s!r}")
+        if not 0 <= s < vocab_size:
+            raise ValueError(f"stop: expected token ids in [0, {vocab_size}), received {s}")
+    return list(stop)
 
 
 def _mask_from(input_ids, attention_mask, token_mask):

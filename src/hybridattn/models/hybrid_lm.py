@@ -193,10 +193,12 @@ class HybridLM(nn.Module):
     def _check_ids(self, input_ids) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids: expected a torch.Tensor, received {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-            raise TypeError(f"input_ids: expected an integer dtype, received {input_ids.dtype}")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids: expected shape [B, T] with T >= 1, received {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int):
+            raise TypeError(f"input_ids: expected dtype torch.int64 or torch.int32 (what nn.Embedding takes), "
+                            f"received {input_ids.dtype}")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected shape [B, T] with B >= 1 and T >= 1, received "
+                             f"{tuple(input_ids.shape)}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids: expected ids in [0, {self.config.vocab_size}), received ids in [{lo}, {hi}]")
@@ -225,7 +227,9 @@ class HybridLM(nn.Module):
 
 def _select_positions(h: torch.Tensor, positions) -> torch.Tensor:
     b, t, d = h.shape
-    if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dim() not in (1, 2):
+    if (not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.long, torch.int, torch.int16,
+                                                                            torch.int8, torch.uint8)
+            or positions.dim() not in (1, 2)):
         got = (positions.dtype, tuple(positions.shape)) if isinstance(positions, torch.Tensor) else positions
         raise TypeError(f"logits_at: expected an integer tensor [P] or [B, P], received {got}")
     if positions.dim() == 2 and positions.shape[0] != b:

@@ -105,6 +105,12 @@ def _dtype_of(hf: Mapping) -> torch.dtype | None:
 
 
 # -- config ------------------------------------------------------------------------------------------------------
+def _required(hf: Mapping, key: str):
+    if key not in hf:
+        raise ValueError(f"config.json {key}: a required field of a {MODEL_TYPE} config is missing")
+    return hf[key]
+
+
 def config_from_transformers(hf: Mapping) -> ModelConfig:
     """A ``ModelConfig`` from a transformers ``Qwen3NextConfig`` dict (``config.json``); the fields it does not
     reproduce are kept in ``source_fields`` (see the module docstring).
@@ -118,39 +124,41 @@ def config_from_transformers(hf: Mapping) -> ModelConfig:
         raise ValueError(f"config.json model_type: expected {MODEL_TYPE!r}, received {hf.get('model_type')!r}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act: expected 'silu', received {hf['hidden_act']!r}")
-    n_layers = hf["num_hidden_layers"]
+    n_layers = _required(hf, "num_hidden_layers")
     layer_types = hf.get("layer_types")
     if layer_types is None:
         interval = hf.get("full_attention_interval", 4)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"config.json full_attention_interval: expected an int >= 1, received {interval!r}")
         layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
     for i, kind in enumerate(layer_types):
         if kind not in _LAYER_TYPES:
             raise ValueError(f"config.json layer_types[{i}]: expected one of {tuple(_LAYER_TYPES)}, received {kind!r}")
     theta, fraction, scaling = rope_from_transformers(hf)
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    hidden, heads = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
     pad = hf.get("pad_token_id")
     num_experts = hf.get("num_experts", 0) or 0
     moe = None
     if num_experts > 0:
-        moe = dict(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
-                   moe_intermediate_size=hf["moe_intermediate_size"],
-                   shared_expert_intermediate_size=hf["shared_expert_intermediate_size"],
+        moe = dict(num_experts=num_experts, num_experts_per_tok=_required(hf, "num_experts_per_tok"),
+                   moe_intermediate_size=_required(hf, "moe_intermediate_size"),
+                   shared_expert_intermediate_size=_required(hf, "shared_expert_intermediate_size"),
                    norm_topk_prob=hf.get("norm_topk_prob", True), decoder_sparse_step=hf.get("decoder_sparse_step", 1),
                    mlp_only_layers=list(hf.get("mlp_only_layers") or []),
                    router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
     config = ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hidden, num_layers=n_layers,
+        vocab_size=_required(hf, "vocab_size"), d_model=hidden, num_layers=n_layers,
         layers=[_LAYER_TYPES[t] for t in layer_types],
         attention=dict(num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
                        head_dim=hf.get("head_dim") or hidden // heads, position="rope", rope_theta=theta,
                        partial_rotary_factor=fraction, rope_scaling=scaling,
                        output_gate=True, qk_norm=True, bias=bool(hf.get("attention_bias", False))),
-        linear=dict(num_heads=hf["linear_num_key_heads"], num_v_heads=hf["linear_num_value_heads"],
-                    head_dim=hf["linear_key_head_dim"], v_head_dim=hf["linear_value_head_dim"],
+        linear=dict(num_heads=_required(hf, "linear_num_key_heads"), num_v_heads=_required(hf, "linear_num_value_heads"),
+                    head_dim=_required(hf, "linear_key_head_dim"), v_head_dim=_required(hf, "linear_value_head_dim"),
                     conv_size=hf.get("linear_conv_kernel_dim", 4)),
-        ffn=dict(kind="swiglu", intermediate_size=hf["intermediate_size"]),
+        ffn=dict(kind="swiglu", intermediate_size=_required(hf, "intermediate_size")),
         moe=moe, norm="rms_zero_centred", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         initializer_range=float(hf.get("initializer_range", 0.02)),

@@ -138,6 +138,8 @@ def dsa_attention(q, k, v, index_q, index_k, *, top_k: int, causal: bool = True,
         return _with_extras(o, (empty, empty.bool()), q.new_zeros(b, tq, h, 0), return_indices, return_weights)
     if key_mask is not None:
         check_tensor("key_mask", key_mask, ndim=2, floating=False)
+        if key_mask.dtype != torch.bool:  # a float mask of 0/1 would be cast to True everywhere but exact zeros
+            raise TypeError(f"key_mask: expected dtype torch.bool (False = padding), received {key_mask.dtype}")
         check_shape("key_mask", key_mask, (b, tk))
         key_mask = key_mask.to(device=q.device, dtype=torch.bool)
     idx, ok = select_top_k(index_q, index_k, weights, top_k=top_k, causal=causal, kv_len=tk, chunk_size=chunk_size,

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridattn.ops._checks import check_bthd
-from hybridattn.ops._gated_linear import compute_dtype, gated_op
+from hybridattn.ops._gated_linear import compute_dtype, gated_op, validate
 
 
 def causal_decay(G: torch.Tensor | None, t: int, *, dtype, device) -> torch.Tensor:
@@ -104,9 +103,9 @@ def retention(q, k, v, *, scale=None, initial_state=None, output_final_state=Fal
     Raises:
         TypeError, ValueError: as :func:`simple_gla`.
     """
-    b, t, _, _ = check_bthd("v", v)
-    if not v.is_floating_point():
-        raise TypeError(f"v: expected a floating-point dtype, received {v.dtype}")
+    # q, k, v first: the decays below are shaped from v, and a wrong q must not surface as an error about them
+    b, t, *_ = validate(q, k, v, scale=scale, initial_state=initial_state, mode=mode, chunk_size=chunk_size,
+                        cu_seqlens=cu_seqlens, return_attention=return_attention)
     # the decays stay in the compute dtype: 1 - 2^-5 is not representable in bf16
     g = retention_log_decays(v.shape[2], device=v.device, dtype=compute_dtype(v.dtype))
     return simple_gla(q, k, v, g.expand(b, t, -1), scale=scale, initial_state=initial_state,

@@ -261,8 +261,9 @@ def softmax_attention(q, k, v, *, causal: bool = False, mask=None, bias=None, sc
     if backend == "auto":
         backend = "naive" if return_weights else choose_backend(q, k, v, mask=spec, bias=score_bias, softcap=softcap)
 
-    if tq == 0 or tk == 0:
-        # No keys: every row is fully masked, so the output is zeros (and so are the gradients).
+    if b == 0 or tq == 0 or tk == 0:
+        # Nothing to attend (no row, no query or no key): a fully masked row's output is zeros, and so are the
+        # gradients; an empty batch is an empty output.
         o = q.new_zeros(b, tq, hq, dv) + 0 * (q.sum() + k.sum() + v.sum())
         return (o, q.new_zeros(b, hq, tq, tk, dtype=accumulation_dtype(q.dtype))) if return_weights else o
     kwargs = dict(mask=spec, bias=score_bias, scale=scale, softcap=softcap)
