@@ -81,3 +81,23 @@ def test_toml_config_and_validation(tmp_path):
         ArenaConfig(train={"lr": -1.0})
     with pytest.raises(ValueError, match="preset"):
         preset("huge")
+
+
+def test_the_terminal_summary_is_readable_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from hybridattn.train.arena import print_summary
+
+    rows = [{"task": "mqar", "model": m, "width": 64, "ratio": r, "seeds": 3, "params": 218_688,
+             "accuracy_mean": 0.9987, "accuracy_std": 0.0011, "loss_mean": 0.012, "tokens_per_s": 21_577.0,
+             "contexts": [256, 1024, 4096], "decode_s": [3e-3, 4e-3, 5.73e-3], "cache_bytes_eval": 134_400,
+             "peak_memory_bytes": 2_300_000} for m, r in (("attention", "0:4"), ("gated_deltanet", "4:0"),
+                                                         ("gated_deltanet 3:1", "3:1"))]
+    buf = io.StringIO()
+    print_summary({"config": {"name": "quick"}, "summary": rows, "thesis": []}, console=Console(file=buf, width=80))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for text in ("gated_deltanet 3:1", "0.999 ± 0.001", "21,577", "218,688", "5.73", "131.2 KiB", "2.2 MiB"):
+        assert sum(text in line for line in lines) >= 1, text  # each value whole on one line, not wrapped

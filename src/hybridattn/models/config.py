@@ -346,7 +346,9 @@ class ModelConfig:
         """The config as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            from hybridattn.models.checkpoint import write_text_atomic
+
+            write_text_atomic(path, text + "\n")
         return text
 
     @classmethod

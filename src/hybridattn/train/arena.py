@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 from hybridattn.bench.measure import default_device
+from hybridattn.models.checkpoint import write_text_atomic
 from hybridattn.tasks import build_task
 from hybridattn.tasks.text import bits_per_byte
 from hybridattn.train.arena_measure import measure_inference
 from hybridattn.train.trainer import TrainConfig, Trainer
-
-_MODEL_FIELDS = None  # ModelConfig field names, filled lazily (importing models is not free)
 
 
 @dataclass
@@ -166,7 +165,7 @@ def run_arena(config: ArenaConfig, out_dir, *, progress: bool = True, log=print)
                         "wall_seconds": time.perf_counter() - started},
     }
     results["thesis"] = check_thesis(results["summary"], config.thesis) if config.thesis else None
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
     return results
 
 
@@ -224,25 +223,39 @@ def check_thesis(summary: list[dict], thesis: dict) -> list[dict]:
 
 
 def print_summary(results: dict, *, console=None) -> None:
-    """The results table (and the thesis check) in the terminal."""
+    """The results in the terminal, readable at 80 columns: one table of what was learned, one of what it
+    costs, then the thesis checks."""
     from rich.console import Console
     from rich.table import Table
 
     from hybridattn.bench.measure import format_bytes
 
     console = console or Console()
-    table = Table(title=f"arena: {results['config']['name']}")
-    for col in ("task", "model", "d", "L:S", "params", "accuracy (mean ± sd, seeds)", "loss", "train tok/s",
-                f"decode ms @{results['summary'][0]['contexts'][-1]}", "cache @ eval", "peak mem"):
-        table.add_column(col, justify="left" if col in ("task", "model") else "right")
-    for r in results["summary"]:
+    summary = results["summary"]
+    several = len({r["task"] for r in summary}) > 1 or len({r["width"] for r in summary}) > 1
+
+    def name(r):  # task and width only when the sweep has several of them
+        return f"{r['model']} ({r['task']}, d={r['width']})" if several else r["model"]
+
+    learned = Table(title=f"arena {results['config']['name']}: accuracy on held-out examples", title_justify="left")
+    for col, justify in (("model", "left"), ("L:S", "right"), ("accuracy mean ± sd", "right"), ("seeds", "right"),
+                         ("loss", "right"), ("tok/s", "right")):
+        learned.add_column(col, justify=justify, overflow="fold")
+    for r in summary:
         loss = f"{r['bits_per_byte']:.3f} bpb" if "bits_per_byte" in r else f"{r['loss_mean']:.3f}"
+        learned.add_row(name(r), r["ratio"], f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}",
+                        str(r["seeds"]), loss, f"{r['tokens_per_s']:,.0f}")
+    context = summary[0]["contexts"][-1]
+    costs = Table(title="inference costs", title_justify="left")
+    for col, justify in (("model", "left"), ("params", "right"), (f"decode ms @{context:,}", "right"),
+                         ("cache @ eval", "right"), ("peak mem", "right")):
+        costs.add_column(col, justify=justify, overflow="fold")
+    for r in summary:
         cache = "-" if r["cache_bytes_eval"] is None else format_bytes(r["cache_bytes_eval"])
-        table.add_row(r["task"], r["model"], str(r["width"]), r["ratio"], f"{r['params']:,}",
-                      f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} ({r['seeds']})", loss,
-                      f"{r['tokens_per_s']:,.0f}", f"{r['decode_s'][-1] * 1e3:.2f}", cache,
+        costs.add_row(name(r), f"{r['params']:,}", f"{r['decode_s'][-1] * 1e3:.2f}", cache,
                       format_bytes(r["peak_memory_bytes"]))
-    console.print(table)
+    console.print(learned)
+    console.print(costs)
     for row in results.get("thesis") or []:
         mark = "[green]PASS[/green]" if row["passed"] else "[red]MISS[/red]"
         console.print(f"thesis d={row['width']}: {row['name']} = {row['measured']:.3f} (goal {row['goal']}) {mark}")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from hybridattn.bench.measure import format_bytes
+from hybridattn.models.checkpoint import write_text_atomic
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -67,5 +68,5 @@ sweep wall time {env['wall_seconds']:.0f} s.</p>
 <h2>Results</h2>{_table(results)}{_thesis(results)}<h2>Plots</h2>{images}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(cfg, indent=1))}</pre></body></html>"""
     path = Path(path)
-    path.write_text(page)
+    write_text_atomic(path, page)
     return path
