@@ -1,6 +1,6 @@
 """Benchmark: the gated delta rule on CPU (``python -m hybridattn.bench.linear``).
 
-Targets (issue 3), at B=1, T=4,096, H=8, Dk=Dv=128, fp32, each printed as a ratio measured in this run:
+Targets, at B=1, T=4,096, H=8, Dk=Dv=128, fp32, each printed as a ratio measured in this run:
 
 - chunk forward >= 2x faster than fla's ``naive_chunk_gated_delta_rule`` and >= 3x faster than transformers'
   ``torch_chunk_gated_delta_rule`` (Qwen3-Next's CPU fallback);

@@ -1,6 +1,6 @@
 """Benchmark: the gated-linear-attention family on CPU (``python -m hybridattn.bench.linear_gla``).
 
-At B=1, T=4,096, H=8, Dk=Dv=128, fp32 (issue 3's shape), for ``linear_attention``, ``simple_gla`` and ``gla``
+At B=1, T=4,096, H=8, Dk=Dv=128, fp32 (the gated delta rule benchmark's shape), for ``linear_attention``, ``simple_gla`` and ``gla``
 in chunk mode, each printed as a ratio measured in this run with PASS / MISS:
 
 - FLOP efficiency: counted FLOPs / time against this run's fp32 matmul throughput, forward and forward +

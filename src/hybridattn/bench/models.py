@@ -1,6 +1,6 @@
 """Decoding speed and cache memory of hybrid models on the CPU (``python -m hybridattn.bench.models``).
 
-Targets (issue 5), ~20M-parameter models, one sequence, float32:
+Targets, ~20M-parameter models, one sequence, float32:
 
 - at context 32,768, a hybrid 3:1 model's per-token decoding latency is <= 0.4x that of the same model with
   softmax attention in every layer, and its cache bytes are <= 0.3x;
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> bool:
                   " / ".join(f"{lin_lat[c] * 1e3:.2f}" for c in linear_contexts) + " ms", spread, 0.10,
                   higher_is_better=False),
     ]
-    return print_targets("models: targets (issue 5)", rows)
+    return print_targets("models: targets", rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: sparse softmax attention (``python -m hybridattn.bench.sparse``).
 
-Targets (issue 4), each printed as a ratio measured in this run with PASS / MISS:
+Targets, each printed as a ratio measured in this run with PASS / MISS:
 
 - sliding window W=512, causal, T=16,384, H=8, D=64, fp32, forward + backward: at least 6x faster than dense
   causal SDPA, with at most 1/8 of its peak memory;

@@ -190,7 +190,7 @@ def choose_backend(q, k, v=None, *, mask, bias, softcap) -> str:
     if softcap is None and not needs_dense and (small or _sdpa_is_fused(q, k, k if v is None else v, mask is not None)):
         return "sdpa"
     if bias is None and softcap is None and "block_sparse" in BACKENDS:
-        # Sparse specs (windows, BigBird, ...; issue 4) run fastest on the block-sparse kernel, which registers
+        # Sparse specs (windows, BigBird, ...) run fastest on the block-sparse kernel, which registers
         # itself as the "block_sparse" backend when hybridattn.ops is imported. Below DENSE_LIMIT SDPA with a dense
         # mask computes every tile yet wins on short sequences (one fused call): a measured crossover.
         from hybridattn.ops.block_sparse_attention import prefers_block_sparse
