@@ -1,7 +1,6 @@
 """Bad input gets a ValueError / TypeError naming the argument or field, expected vs received, at the public entry
 point (not an exception from deep inside torch, and not accepted to fail later)."""
 
-import json
 import math
 
 import pytest

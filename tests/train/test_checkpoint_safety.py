@@ -2,7 +2,6 @@
 checkpoint that verifies, and a run refuses to continue another run's checkpoint under other settings."""
 
 import json
-import shutil
 import sys
 from pathlib import Path
 

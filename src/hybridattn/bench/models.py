@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> bool:
 
     models = {name: HybridLM(bench_config(layout, **size)).eval()
               for name, layout in (("hybrid 3:1", "3:1"), ("all softmax", "0:1"), ("pure linear", "1:0"))}
-    print(f"models: " + ", ".join(f"{n} {m.num_parameters() / 1e6:.1f}M params" for n, m in models.items()))
+    print("models: " + ", ".join(f"{n} {m.num_parameters() / 1e6:.1f}M params" for n, m in models.items()))
     print(f"caches filled synthetically to the context (random KV / states of the exact size); "
           f"{args.threads} thread(s); medians over {args.rounds} rounds x {args.per_round} steps")
 

@@ -11,6 +11,8 @@ Shape legend: B batch, T time, H heads, Dk key dim, Dv value dim, C conv channel
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -42,6 +44,19 @@ def log_uniform_(param: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """``param <- log(U(low, high))`` in place (the ``A_log`` init of Mamba2 and Gated DeltaNet)."""
     if not on_meta(param):
         param.uniform_(low, high).log_()
+    return param
+
+
+@torch.no_grad()
+def dt_bias_(param: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 1e-1) -> torch.Tensor:
+    """``param <- softplus^-1(dt)`` with ``dt`` log-uniform in ``[dt_min, dt_max]`` (Mamba's from-scratch init,
+    fla's for Gated DeltaNet): at the start ``softplus(dt_bias) = dt`` is small, so every head decays slowly and
+    remembers across the sequence. Why not a constant: ``dt_bias = 1`` gives ``softplus(1) = 1.3``, and with
+    ``A`` up to 16 most heads forget nearly all of their state at every token; a large-state model then stays at
+    chance on recall tasks (measured: MQAR, docs/benchmarks.md, arena)."""
+    if not on_meta(param):
+        dt = torch.empty_like(param, dtype=torch.float64).uniform_(math.log(dt_min), math.log(dt_max)).exp()
+        param.copy_(dt + torch.log(-torch.expm1(-dt)))
     return param
 
 

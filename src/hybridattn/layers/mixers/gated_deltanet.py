@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridattn.layers.mixers.base import LinearMixer, linear_config_sizes, log_uniform_, zero_padding
+from hybridattn.layers.mixers.base import LinearMixer, dt_bias_, linear_config_sizes, log_uniform_, zero_padding
 from hybridattn.layers.norms import GatedRMSNorm
 from hybridattn.layers.registry import register_mixer
 from hybridattn.layers.short_conv import ShortConvolution
@@ -56,8 +56,9 @@ class GatedDeltaNet(LinearMixer):
         self.in_proj_ba = nn.Linear(d_model, 2 * num_v_heads, bias=False)
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = ShortConvolution(conv_dim, conv_size) if conv_size else None
-        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
-        # A ~ U(0, 16) as in transformers' init; g = -A * softplus(.) so decays span fast to slow heads.
+        # From-scratch init as fla's: A ~ U(0, 16) and dt_bias the inverse softplus of a dt log-uniform in
+        # [1e-3, 1e-1], so g = -A * softplus(a + dt_bias) starts small for every head (see dt_bias_).
+        self.dt_bias = nn.Parameter(dt_bias_(torch.empty(num_v_heads)))
         self.A_log = nn.Parameter(log_uniform_(torch.empty(num_v_heads), 0, 16))
         self.norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)

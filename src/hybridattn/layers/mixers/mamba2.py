@@ -15,13 +15,12 @@ Shape legend: B batch, T time, H heads, P head dim, G groups, N state size.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridattn.layers.mixers.base import LinearMixer, log_uniform_, on_meta, zero_padding
+from hybridattn.layers.mixers.base import LinearMixer, dt_bias_, log_uniform_, zero_padding
 from hybridattn.layers.norms import rms_norm
 from hybridattn.layers.registry import register_mixer
 from hybridattn.layers.short_conv import ShortConvolution
@@ -59,13 +58,8 @@ class Mamba2(LinearMixer):
         bc = n_groups * state_size
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * bc + num_heads, bias=False)
         self.conv1d = ShortConvolution(self.d_inner + 2 * bc, conv_size) if conv_size else None
-        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(dt_bias_(torch.empty(num_heads)))  # dt log-uniform in [1e-3, 1e-1]
         self.A_log = nn.Parameter(log_uniform_(torch.empty(num_heads), 1, 16))
-        if not on_meta(self.dt_bias):
-            # dt starts log-uniform in [1e-3, 1e-1] (Mamba's init); dt_bias is its inverse softplus.
-            dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-            with torch.no_grad():
-                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.D = nn.Parameter(torch.ones(num_heads))
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
