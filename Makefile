@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is installed first and pinned so pip takes the local CPU build instead of CUDA wheels.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv demo test test-all bench arena clean
+.PHONY: venv kernels demo test test-all bench arena clean
 
 $(BIN)/hybridattn: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,10 @@ $(BIN)/hybridattn: pyproject.toml
 venv: $(BIN)/hybridattn
 
 # The main job: trains softmax, linear and 3:1 hybrid models on MQAR (3 seeds) and writes arena-quick/report.html.
-arena: venv
+kernels: venv
+	$(BIN)/hybridattn build-kernels
+
+arena: kernels
 	$(BIN)/hybridattn arena --preset quick
 
 demo: venv
@@ -24,10 +27,10 @@ demo: venv
 	$(BIN)/hybridattn demo
 
 # The fast subset (what CI runs); `make test-all` includes the cases marked slow.
-test: venv
+test: kernels
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
-test-all: venv
+test-all: kernels
 	$(BIN)/python -m pytest -q -n 2
 
 bench: venv

@@ -16,6 +16,7 @@ COMMANDS = {
     "viz": "hybridattn.commands.viz",
     "memory": "hybridattn.commands.memory",
     "generate": "hybridattn.commands.generate",
+    "build-kernels": "hybridattn.commands.build_kernels",
 }
 
 

@@ -49,3 +49,20 @@ def test_usable_needs_cpu_and_one_float_dtype():
     assert _native.usable(x32, None, x32) and _native.usable(x64, x64)
     assert not _native.usable(x32, x64)
     assert not _native.usable(x32.bfloat16())
+
+
+def test_a_first_build_says_so_on_stderr_and_build_all_reports_each(monkeypatch, tmp_path, capsys):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("HYBRIDATTN_NATIVE", "1")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)  # no compiler run in this test
+    monkeypatch.setattr(_native, "_built", {})
+    _native._build("gated_delta")
+    err = capsys.readouterr().err
+    assert "building the compiled kernel gated_delta (first use" in err and str(tmp_path) in err
+    lines = []
+    monkeypatch.setattr(_native, "native_ops", lambda kernel: None if kernel == "moe_decode" else object())
+    assert _native.build_all(log=lines.append)["moe_decode"] is False
+    assert [line.split(":")[0] for line in lines] == list(_native.KERNELS)
+    assert "moe_decode: not built" in lines[-1]

@@ -20,23 +20,29 @@ def test_smoke_preset_through_the_cli_writes_every_output(tmp_path):
     cfg = preset("smoke")
     assert [r["model"] for r in results["runs"]] == [m["label"] for m in cfg.models]
     by_model = {r["model"]: r for r in results["runs"]}
-    assert by_model["attention"]["ratio"] == "0:4" and by_model["gated_deltanet"]["ratio"] == "4:0"
+    assert by_model["attention"]["ratio"] == "0:4" and by_model["gated_deltanet small state"]["ratio"] == "4:0"
     assert by_model["gated_deltanet 3:1"]["layer_types"] == ["gated_deltanet"] * 3 + ["attention"]
     for r in results["runs"]:
         assert 0 <= r["accuracy"] <= 1 and math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
         assert len(r["curve"]) == cfg.train["steps"]
         inf = r["inference"]
         assert inf["contexts"] == [64, 128] and all(s > 0 for s in inf["decode_s"] + inf["prefill_s"])
+        assert all(q1 <= m <= q3 for q1, m, q3 in zip(inf["decode_q1_s"], inf["decode_s"], inf["decode_q3_s"]))
         assert inf["peak_memory_bytes"] > 0
-    # linear state does not grow with the context; a KV cache does, by exactly the extra entries
-    lin, att = by_model["gated_deltanet"]["inference"], by_model["attention"]["inference"]
+    # linear state does not grow with the context; a KV cache does, by exactly the extra entries; the small state
+    # is the large one with fewer key dimensions
+    lin, att = by_model["gated_deltanet small state"]["inference"], by_model["attention"]["inference"]
     assert lin["cache_bytes"][0] == lin["cache_bytes"][1] == lin["cache_bytes_eval"]
     assert att["cache_bytes"][1] > att["cache_bytes"][0] > lin["cache_bytes"][0]
+    assert by_model["gated_deltanet large state"]["inference"]["cache_bytes_eval"] > lin["cache_bytes_eval"]
     assert [t["name"] for t in results["thesis"]] == [
-        "attention accuracy", "attention - gated_deltanet", "attention - gated_deltanet 3:1"]
+        "attention accuracy", "gated_deltanet large state accuracy (state holds the pairs)",
+        "gated_deltanet large state - gated_deltanet small state", "attention - gated_deltanet 3:1"]
+    assert all(t["expected"] is False for t in results["thesis"])  # 12 steps: plumbing, not the thesis
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "gated_deltanet 3:1" in html
-    for name in ("accuracy_vs_state.png", "accuracy.png", "inference.png", "learning_curves.png"):
+    assert html.count("data:image/png;base64,") == 5 and "gated_deltanet 3:1" in html
+    for name in ("accuracy_vs_state.png", "accuracy.png", "inference.png", "learning_curves.png",
+                 "heldout_accuracy.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "models" / "mqar-attention-32" / "model.safetensors").exists()
 
@@ -99,5 +105,24 @@ def test_the_terminal_summary_is_readable_at_80_columns():
     print_summary({"config": {"name": "quick"}, "summary": rows, "thesis": []}, console=Console(file=buf, width=80))
     lines = buf.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80
-    for text in ("gated_deltanet 3:1", "0.999 ± 0.001", "21,577", "218,688", "5.73", "131.2 KiB", "2.2 MiB"):
+    for text in ("gated_deltanet 3:1", "0.999 ± 0.001 (3)", "21,577", "218,688", "5.73", "131.2 KiB", "2.2 MiB"):
         assert sum(text in line for line in lines) >= 1, text  # each value whole on one line, not wrapped
+
+
+def test_thesis_with_a_large_and_a_small_state_control():
+    runs = [_run("attn", 0, 0.99), _run("big", 0, 0.93), _run("small", 0, 0.60), _run("hyb", 0, 0.975)]
+    rows = summarize(runs)
+    thesis = {"task": "mqar", "full": "attn", "large": "big", "small": "small", "hybrid": "hyb"}
+    checks = check_thesis(rows, thesis)
+    assert [(c["name"], c["passed"]) for c in checks] == [
+        ("attn accuracy", True), ("big accuracy (state holds the pairs)", True), ("big - small", True),
+        ("attn - hyb", True)]
+    assert checks[2]["measured"] == pytest.approx(0.33)
+    rows[1]["accuracy_mean"] = 0.85  # the large-state control did not learn: its check and the gap say so
+    assert [c["passed"] for c in check_thesis(rows, thesis)] == [True, False, True, True]
+    rows[2]["accuracy_mean"] = 0.70
+    assert [c["passed"] for c in check_thesis(rows, thesis)] == [True, False, False, True]
+    from hybridattn.train.arena import thesis_mark
+
+    smoke = check_thesis(rows, {**thesis, "expected": False})
+    assert thesis_mark(smoke[1]) == "not expected to pass at this budget" and thesis_mark(smoke[0]) == "PASS"

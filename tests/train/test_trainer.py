@@ -131,3 +131,20 @@ def test_bf16_autocast_step_matches_fp32_to_bf16_precision():
     # bf16 keeps 8 mantissa bits: relative error of a ~3.5-nat loss stays well inside 2^-6
     assert losses[True] != losses[False]
     assert losses[True] == pytest.approx(losses[False], rel=2 ** -6)
+
+
+def test_stop_accuracy_ends_the_run_at_the_first_evaluation_that_reaches_it():
+    torch.manual_seed(0)
+    task = Copying(vocab_size=12, seq_len=12)
+    model = ToyLM(12, max_len=12)
+    calls = []
+    trainer = Trainer(model, task, TrainConfig(steps=40, batch_size=8, progress=False, eval_every=5,
+                                               stop_accuracy=1e-9, eval_examples=16))
+    trainer.evaluate = lambda num_examples=None: calls.append(trainer.step) or {"loss": 1.0, "accuracy": 0.5}
+    result = trainer.fit()
+    assert result.stopped_early and trainer.step == 5 and calls == [5]  # the final evaluation is that one
+    assert result.final == {"loss": 1.0, "accuracy": 0.5} and result.evals[-1]["step"] == 5
+    with pytest.raises(ValueError, match="stop_accuracy: expected eval_every > 0"):
+        TrainConfig(stop_accuracy=0.9)
+    with pytest.raises(ValueError, match=r"stop_accuracy: expected None or a float in \(0, 1\]"):
+        TrainConfig(stop_accuracy=1.5, eval_every=5)

@@ -40,22 +40,35 @@ def bench_config(hybrid: str, *, d_model: int = 384, num_layers: int = 8, vocab_
 
 @torch.no_grad()
 def fill_cache(model: HybridLM, context: int, *, batch: int = 1, generator: torch.Generator | None = None):
-    """A cache in the state a ``context``-token prefill leaves: random KV entries / recurrent states."""
+    """A cache in the state a ``context``-token prefill leaves: random KV entries / recurrent states / conv tails.
+
+    Raises:
+        TypeError: a layer's cache kind has no synthetic fill (DSA, pinned globals): prefill for real instead.
+    """
     cache = model.new_cache(batch)
+    device = next(model.parameters()).device
     for c in cache.layers:
-        if isinstance(c, (KVCache, SlidingWindowKVCache)):
-            shape = (batch, context, c.num_heads, c.head_dim)
-            c.update(torch.randn(shape, generator=generator, dtype=c.dtype),
-                     torch.randn(shape, generator=generator, dtype=c.dtype))
-        elif isinstance(c, RecurrentCache):
-            # a delta-rule state stays O(1) in norm, so a scaled Gaussian is a plausible one
-            state = torch.randn(c.state.shape, generator=generator, dtype=c.state.dtype) * 0.1
-            if c.conv_tail is not None:
-                c.conv_tail.copy_(torch.randn(c.conv_tail.shape, generator=generator, dtype=c.conv_tail.dtype))
-            c.advance(state, context)
-        else:
-            raise TypeError(f"cache: no synthetic fill for {type(c).__name__}")
+        _fill(c, context, batch, lambda shape, dtype: torch.randn(shape, generator=generator, dtype=dtype).to(device))
     return cache
+
+
+def _fill(c, context: int, batch: int, randn) -> None:
+    from hybridattn.layers.mixers.conv_attention import ConvKVCache
+
+    if isinstance(c, ConvKVCache):
+        _fill(c.kv, context, batch, randn)
+        c.tail.copy_(randn(c.tail.shape, c.tail.dtype))
+    elif isinstance(c, (KVCache, SlidingWindowKVCache)):
+        shape = (batch, context, c.num_heads, c.head_dim)
+        c.update(randn(shape, c.dtype), randn(shape, c.dtype))
+    elif isinstance(c, RecurrentCache):
+        # a delta-rule state stays O(1) in norm, so a scaled Gaussian is a plausible one
+        state = randn(c.state.shape, c.state.dtype) * 0.1
+        if c.conv_tail is not None:
+            c.conv_tail.copy_(randn(c.conv_tail.shape, c.conv_tail.dtype))
+        c.advance(state, context)
+    else:
+        raise TypeError(f"cache: no synthetic fill for {type(c).__name__}")
 
 
 def _step_fn(model: HybridLM, cache):

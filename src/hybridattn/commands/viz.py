@@ -10,11 +10,12 @@ import argparse
 
 from hybridattn.cli import add_subcommands
 
-HELP = "draw attention matrices of a trained model (attention) or attention masks (masks)"
+HELP = "draw attention matrices of a trained model (attention), attention masks (masks) or memory capacity (capacity)"
 
 VIEWS = {
     "attention": "hybridattn.viz.attention_maps",
     "masks": "hybridattn.viz.masks",
+    "capacity": "hybridattn.viz.capacity",
 }
 
 

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def _cpu_tag() -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
+KERNELS = tuple(sorted(p.stem for p in _CSRC.glob("*.cpp")))
+
+
 def _build(kernel: str):
     from torch.utils import cpp_extension
 
@@ -48,6 +52,11 @@ def _build(kernel: str):
     digest = hashlib.sha1(b"".join(texts)).hexdigest()[:8]
     name = f"hybridattn_{kernel}_{_cpu_tag()}_{digest}"
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is a header template
+    base = cpp_extension._get_build_directory(name, verbose=False)  # honours TORCH_EXTENSIONS_DIR
+    built_before = any(Path(base).glob("*.so"))
+    if not built_before:  # a first build takes 10-20 s per kernel: say so rather than look like a hang
+        print(f"hybridattn: building the compiled kernel {kernel} (first use, ~10-20 s; cached in {base})",
+              file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=os.environ.get("HYBRIDATTN_NATIVE_VERBOSE") == "1")
     return torch.ops.hybridattn
@@ -69,6 +78,20 @@ def native_ops(kernel: str):
                 RuntimeWarning, stacklevel=3,
             )
     return _built[kernel]
+
+
+def build_all(*, log=print) -> dict[str, bool]:
+    """Build (or load from the cache) every compiled kernel now, reporting each; ``{kernel: built}``."""
+    import time
+
+    out = {}
+    for kernel in KERNELS:
+        start = time.perf_counter()
+        ok = native_ops(kernel) is not None
+        out[kernel] = ok
+        log(f"{kernel}: {'ready' if ok else 'not built (the PyTorch form will run)'} "
+            f"({time.perf_counter() - start:.1f} s)")
+    return out
 
 
 def built(kernel: str):

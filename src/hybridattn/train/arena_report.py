@@ -36,12 +36,14 @@ def _table(results: dict) -> str:
 
 
 def _thesis(results: dict) -> str:
+    from hybridattn.train.arena import thesis_mark
+
     rows = results.get("thesis")
     if not rows:
         return ""
     items = "".join(
         f"<li>d={r['width']}: {html.escape(r['name'])} = {r['measured']:.3f} (goal {html.escape(r['goal'])}) "
-        f"<b class={'pass' if r['passed'] else 'miss'}>{'PASS' if r['passed'] else 'MISS'}</b></li>" for r in rows)
+        f"<b class={'pass' if r['passed'] else 'miss'}>{thesis_mark(r)}</b></li>" for r in rows)
     return f"<h2>Thesis check (means over seeds)</h2><ul>{items}</ul>"
 
 

@@ -60,6 +60,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_every: int = 0                # evaluate every N steps during training (0 = only at the end)
     checkpoint_every: int = 0          # write a checkpoint every N steps (0 = never; needs checkpoint_dir)
+    stop_accuracy: float | None = None  # end the run at the first periodic evaluation this accurate (needs
+                                        # eval_every): the same rule for every model of a comparison
     progress: bool = True              # rich progress bar (main process only)
 
     def __post_init__(self) -> None:
@@ -72,6 +74,13 @@ class TrainConfig:
             raise ValueError(f"lr: expected a float > 0, received {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: expected a float in [0, 1], received {self.min_lr_ratio}")
+        if self.stop_accuracy is not None:
+            if isinstance(self.stop_accuracy, bool) or not isinstance(self.stop_accuracy, (int, float)) or not (
+                    0 < self.stop_accuracy <= 1):
+                raise ValueError(f"stop_accuracy: expected None or a float in (0, 1], received {self.stop_accuracy!r}")
+            if not self.eval_every:
+                raise ValueError("stop_accuracy: expected eval_every > 0 (the evaluations it stops at), received "
+                                 "eval_every=0")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -135,6 +144,7 @@ class TrainResult:
     final: dict = field(default_factory=dict)           # loss, accuracy on the eval split
     tokens_per_s: float = 0.0                           # training tokens (inputs) per second, this run
     resumed_from: int = 0
+    stopped_early: bool = False                         # ended at config.stop_accuracy before config.steps
 
 
 class Trainer:
@@ -288,13 +298,21 @@ class Trainer:
                 bar(record)
                 if self.step_callback is not None:
                     self.step_callback(self.step, record)
+                stop = False
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.result.evals.append({"step": self.step, **self.evaluate()})
+                    stop = cfg.stop_accuracy is not None and self.result.evals[-1]["accuracy"] >= cfg.stop_accuracy
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
+                if stop:
+                    self.result.stopped_early = True
+                    break
         self.result.tokens_per_s = tokens / train_time if train_time else 0.0
-        self.result.final = self.evaluate()
-        self.result.evals.append({"step": self.step, **self.result.final})
+        if self.result.evals and self.result.evals[-1]["step"] == self.step:
+            self.result.final = {k: v for k, v in self.result.evals[-1].items() if k != "step"}
+        else:
+            self.result.final = self.evaluate()
+            self.result.evals.append({"step": self.step, **self.result.final})
         return self.result
 
 

@@ -13,6 +13,7 @@ returns its path:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -94,6 +95,9 @@ def plot_inference(results: dict, path) -> Path:
         seen.add(key)
         lab = _label(r, widths)
         ax_t.plot(r["contexts"], [s * 1e3 for s in r["decode_s"]], marker="o", color=colors[r["model"]], label=lab)
+        if r.get("decode_q1_s"):  # the quartiles of the timed steps
+            ax_t.fill_between(r["contexts"], [s * 1e3 for s in r["decode_q1_s"]],
+                              [s * 1e3 for s in r["decode_q3_s"]], color=colors[r["model"]], alpha=0.2)
         if all(b is not None for b in r["cache_bytes"]):
             ax_m.plot(r["contexts"], r["cache_bytes"], marker="o", color=colors[r["model"]], label=lab)
     for ax in (ax_t, ax_m):
@@ -101,11 +105,46 @@ def plot_inference(results: dict, path) -> Path:
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    ax_t.set_ylabel("decode latency per token (ms, median)")
+    ax_t.set_ylabel("decode latency per token (ms, median and quartiles)")
     ax_t.set_title("Per-token decode latency")
     ax_m.set_yscale("log")
     ax_m.set_ylabel("cache bytes (KV + state), batch 1")
     ax_m.set_title("Cache memory")
+    return _save(fig, Path(path))
+
+
+def plot_heldout_curves(results: dict, path) -> Path:
+    """Held-out accuracy at each periodic evaluation, one line per seed: when each model learned the task."""
+    runs = [r for r in results["runs"] if len(r.get("evals") or []) > 1]
+    tasks = list(dict.fromkeys(r["task"] for r in runs)) or ["(no periodic evaluations)"]
+    widths = {r["width"] for r in runs}
+    colors = _colors([r["model"] for r in runs])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        labelled = set()
+        text = task == "text"
+        for r in (x for x in runs if x["task"] == task):
+            lab = _label(r, widths)
+            if text:  # bits per byte against the training tokens seen: how fast each model learns
+                xs = [e["step"] * r.get("tokens_per_step", 1) for e in r["evals"]]
+                ys = [e["loss"] / math.log(2) for e in r["evals"]]
+            else:
+                xs, ys = [e["step"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]]
+            ax.plot(xs, ys, marker=".", color=colors[r["model"]], alpha=0.8, lw=1,
+                    label=None if lab in labelled else lab)
+            labelled.add(lab)
+        if text:
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel("held-out bits per byte")
+            ax.set_title("Held-out bits per byte during training (one line per seed)")
+        else:
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("step")
+            ax.set_ylabel("held-out accuracy")
+            ax.set_title(f"Held-out accuracy during training: {task} (one line per seed)")
+        ax.grid(alpha=0.3)
+        if labelled:
+            ax.legend(fontsize=8)
     return _save(fig, Path(path))
 
 
@@ -137,11 +176,18 @@ PLOTS = {
     "accuracy.png": plot_accuracy_bars,
     "inference.png": plot_inference,
     "learning_curves.png": plot_learning_curves,
+    "heldout_accuracy.png": plot_heldout_curves,
 }
 
 
 def plot_all(results: dict, out_dir) -> list[Path]:
-    """Every arena plot into ``out_dir``; returns the PNG paths."""
+    """Every arena plot into ``out_dir`` (and the capacity panel when the results have one); returns the PNG
+    paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [fn(results, out_dir / name) for name, fn in PLOTS.items()]
+    paths = [fn(results, out_dir / name) for name, fn in PLOTS.items()]
+    if results.get("capacity"):
+        from hybridattn.viz.capacity import plot_capacity
+
+        paths.insert(0, plot_capacity(results["capacity"], out_dir / "capacity.png"))
+    return paths
