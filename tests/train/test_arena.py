@@ -20,8 +20,8 @@ def test_smoke_preset_through_the_cli_writes_every_output(tmp_path):
     cfg = preset("smoke")
     assert [r["model"] for r in results["runs"]] == [m["label"] for m in cfg.models]
     by_model = {r["model"]: r for r in results["runs"]}
-    assert by_model["attention"]["ratio"] == "0:4" and by_model["gated_deltanet small state"]["ratio"] == "4:0"
-    assert by_model["gated_deltanet 3:1"]["layer_types"] == ["gated_deltanet"] * 3 + ["attention"]
+    assert by_model["attention"]["ratio"] == "0:4" and by_model["gdn small state"]["ratio"] == "4:0"
+    assert by_model["gdn 3:1"]["layer_types"] == ["gated_deltanet"] * 3 + ["attention"]
     for r in results["runs"]:
         assert 0 <= r["accuracy"] <= 1 and math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
         assert len(r["curve"]) == cfg.train["steps"]
@@ -31,16 +31,15 @@ def test_smoke_preset_through_the_cli_writes_every_output(tmp_path):
         assert inf["peak_memory_bytes"] > 0
     # linear state does not grow with the context; a KV cache does, by exactly the extra entries; the small state
     # is the large one with fewer key dimensions
-    lin, att = by_model["gated_deltanet small state"]["inference"], by_model["attention"]["inference"]
+    lin, att = by_model["gdn small state"]["inference"], by_model["attention"]["inference"]
     assert lin["cache_bytes"][0] == lin["cache_bytes"][1] == lin["cache_bytes_eval"]
     assert att["cache_bytes"][1] > att["cache_bytes"][0] > lin["cache_bytes"][0]
-    assert by_model["gated_deltanet large state"]["inference"]["cache_bytes_eval"] > lin["cache_bytes_eval"]
+    assert by_model["gdn large state"]["inference"]["cache_bytes_eval"] > lin["cache_bytes_eval"]
     assert [t["name"] for t in results["thesis"]] == [
-        "attention accuracy", "gated_deltanet large state accuracy (state holds the pairs)",
-        "gated_deltanet large state - gated_deltanet small state", "attention - gated_deltanet 3:1"]
+        "attention accuracy", "gdn large state accuracy", "gdn large state - gdn small state", "attention - gdn 3:1"]
     assert all(t["expected"] is False for t in results["thesis"])  # 12 steps: plumbing, not the thesis
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "gated_deltanet 3:1" in html
+    assert html.count("data:image/png;base64,") == 5 and "gdn 3:1" in html
     for name in ("accuracy_vs_state.png", "accuracy.png", "inference.png", "learning_curves.png",
                  "heldout_accuracy.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,7 +114,7 @@ def test_thesis_with_a_large_and_a_small_state_control():
     thesis = {"task": "mqar", "full": "attn", "large": "big", "small": "small", "hybrid": "hyb"}
     checks = check_thesis(rows, thesis)
     assert [(c["name"], c["passed"]) for c in checks] == [
-        ("attn accuracy", True), ("big accuracy (state holds the pairs)", True), ("big - small", True),
+        ("attn accuracy", True), ("big accuracy", True), ("big - small", True),
         ("attn - hyb", True)]
     assert checks[2]["measured"] == pytest.approx(0.33)
     rows[1]["accuracy_mean"] = 0.85  # the large-state control did not learn: its check and the gap say so

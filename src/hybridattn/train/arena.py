@@ -329,7 +329,7 @@ def check_thesis(summary: list[dict], thesis: dict) -> list[dict]:
             continue
         checks = [(f"{thesis['full']} accuracy", f">= {goals['full']}", acc["full"], acc["full"] >= goals["full"])]
         if "large" in acc:
-            checks.append((f"{thesis['large']} accuracy (state holds the pairs)", f">= {goals['large']}",
+            checks.append((f"{thesis['large']} accuracy", f">= {goals['large']}",
                            acc["large"], acc["large"] >= goals["large"]))
         if "large" in acc and "small" in acc:
             gap = acc["large"] - acc["small"]
@@ -398,7 +398,8 @@ def print_summary(results: dict, *, console=None) -> None:
     for row in results.get("thesis") or []:
         mark = thesis_mark(row)
         shown = f"[{colour[mark]}]{mark}[/{colour[mark]}]" if mark in colour else mark
-        console.print(f"thesis d={row['width']}: {row['name']} = {row['measured']:.3f} (goal {row['goal']}) {shown}")
+        width = f" d={row['width']}" if several else ""
+        console.print(f"thesis{width}: {row['name']} = {row['measured']:.3f} ({row['goal']}) {shown}")
 
 
 # The presets live in their own module; ``preset`` and ``PRESETS`` are part of this one's interface.

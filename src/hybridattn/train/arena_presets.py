@@ -10,15 +10,15 @@ def _thesis_models(small_dk: int, large_dk: int) -> list[dict]:
     hybrid (Qwen3-Next's order: the softmax layer last in each group of four) built from the small-state layers."""
     return [
         {"label": "attention", "hybrid": "0:1"},
-        {"label": "gated_deltanet large state", "hybrid": "1:0", "linear": {"head_dim": large_dk}},
-        {"label": "gated_deltanet small state", "hybrid": "1:0", "linear": {"head_dim": small_dk}},
-        {"label": "gated_deltanet 3:1", "hybrid": "3:1", "linear": {"head_dim": small_dk}},
+        {"label": "gdn large state", "hybrid": "1:0", "linear": {"head_dim": large_dk}},
+        {"label": "gdn small state", "hybrid": "1:0", "linear": {"head_dim": small_dk}},
+        {"label": "gdn 3:1", "hybrid": "3:1", "linear": {"head_dim": small_dk}},
     ]
 
 
 def _thesis(expected: bool = True) -> dict:
-    return {"task": "mqar", "full": "attention", "large": "gated_deltanet large state",
-            "small": "gated_deltanet small state", "hybrid": "gated_deltanet 3:1", "expected": expected}
+    return {"task": "mqar", "full": "attention", "large": "gdn large state", "small": "gdn small state",
+            "hybrid": "gdn 3:1", "expected": expected}
 
 
 def _smoke() -> ArenaConfig:
