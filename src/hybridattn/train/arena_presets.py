@@ -66,7 +66,7 @@ def _quick() -> ArenaConfig:
         models=_thesis_models(2, 16),
         model={"num_layers": 4, "linear_mixer": "gated_deltanet", "softmax_mixer": "conv_attention",
                "attention": {"num_heads": 4}, "linear": {"num_heads": 2, "v_head_dim": 32, "chunk_size": 16}},
-        widths=[64], seeds=3, contexts=[256, 1024, 4096, 16384, 32768], repeats=5, threads=2, jobs=2,
+        widths=[64], seeds=3, contexts=[256, 1024, 4096, 16384, 32768], repeats=5, threads=2, jobs=2, capacity=True,
         thesis=_thesis(),
         train={"steps": 3000, "batch_size": 64, "lr": 1e-2, "warmup_steps": 150, "eval_examples": 512,
                "eval_every": 100, "stop_accuracy": 0.99},
