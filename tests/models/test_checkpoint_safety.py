@@ -73,3 +73,22 @@ def test_weights_of_an_integer_dtype_are_refused_naming_the_tensor(tmp_path):
                                          "model expects torch.float32"):
         HybridLM.from_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["d_model"] == 32
+
+
+def test_a_training_checkpoint_directory_loads_its_final_model_or_its_newest_step(tmp_path):
+    from hybridattn.tasks import Copying
+    from hybridattn.train import TrainConfig, Trainer
+
+    model = _model()
+    task = Copying(vocab_size=64, seq_len=12)
+    Trainer(model, task, TrainConfig(steps=4, batch_size=4, checkpoint_every=2, progress=False),
+            checkpoint_dir=tmp_path / "run").fit()
+    with pytest.warns(UserWarning, match="without a final model: loading its newest checkpoint, step-00000004"):
+        loaded = HybridLM.from_pretrained(tmp_path / "run")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name  # the weights themselves: bytes written and read back
+    model.save_pretrained(tmp_path / "run" / "final")
+    with pytest.warns(UserWarning, match="loading its final model"):
+        HybridLM.from_pretrained(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="expected config.json in .* or a training checkpoint directory"):
+        HybridLM.from_pretrained(tmp_path / "nothing-here")

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -207,6 +208,10 @@ def _load_native(directory: Path, *, device=None, dtype=None, allow_edited_confi
     if not weights_path.exists():
         raise FileNotFoundError(f"directory: expected {WEIGHTS_NAME} beside {CONFIG_NAME} in {directory}")
     found = load_file(str(weights_path))
+    if config.tie_embeddings:  # one matrix under two names: a training checkpoint may have kept either
+        tied = found.pop("lm_head.weight", None)
+        if "embed_tokens.weight" not in found and tied is not None:
+            found["embed_tokens.weight"] = tied
     model = HybridLM(config)
     expected = _weights_to_save(model)
     check_state_dict(expected, found, source=str(weights_path))
@@ -219,6 +224,34 @@ def _load_native(directory: Path, *, device=None, dtype=None, allow_edited_confi
 
 
 FORMATS["hybridattn"] = CheckpointFormat(save=_save_native, load=_load_native, detect=lambda cfg: "d_model" in cfg)
+
+
+def resolve_model_directory(directory) -> Path:
+    """The directory holding a model: ``directory`` itself when it has a ``config.json``; for a training
+    checkpoint directory, its ``final/`` model (what the training CLI saves at the end) or else the newest
+    step that verifies, with a warning saying which.
+
+    Raises:
+        FileNotFoundError: none of these, with what was looked for.
+    """
+    directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file():
+        return directory
+    if (directory / "final" / CONFIG_NAME).is_file():
+        warnings.warn(f"{directory} is a training checkpoint directory: loading its final model, {directory / 'final'}",
+                      UserWarning, stacklevel=3)
+        return directory / "final"
+    if (directory / "latest.json").exists() or any(directory.glob("step-*")):
+        from hybridattn.train.checkpoint import find_checkpoint
+
+        found = find_checkpoint(directory)
+        if found is not None and (found[0] / CONFIG_NAME).is_file():
+            warnings.warn(f"{directory} is a training checkpoint directory without a final model: loading its "
+                          f"newest checkpoint, {found[0].name} (step {found[1].get('step')})", UserWarning,
+                          stacklevel=3)
+            return found[0]
+    raise FileNotFoundError(f"directory: expected {CONFIG_NAME} in {directory} (a saved model), or a training "
+                            f"checkpoint directory with final/ or step-* checkpoints written by this version")
 
 
 def read_config_json(path: Path) -> dict:
@@ -261,10 +294,8 @@ def from_pretrained(directory, *, format: str | None = None, device=None, dtype=
         FileNotFoundError: no ``config.json`` / weights.
         ValueError: an unknown format, or config and tensors that disagree (naming the tensor and both shapes).
     """
-    directory = Path(directory)
+    directory = resolve_model_directory(directory)
     config_path = directory / CONFIG_NAME
-    if not config_path.exists():
-        raise FileNotFoundError(f"directory: expected {CONFIG_NAME} in {directory}")
     if format is None:
         config = read_config_json(config_path)
         format = next((name for name, f in FORMATS.items() if f.detect(config)), None)

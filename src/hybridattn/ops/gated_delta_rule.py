@@ -32,7 +32,7 @@ import torch
 from hybridattn.ops._chunking import exp_flushed
 from hybridattn.ops._gated_delta_chunk import attention_matrix, chunk_gated_delta_rule
 from hybridattn.ops._checks import check_shape, check_tensor
-from hybridattn.ops._gated_linear import MODES, check_log_decay, clamp_log_decay, safe_mode, validate
+from hybridattn.ops._gated_linear import MODES, check_log_decay, clamp_log_decay, safe_mode, validate  # noqa: F401 (MODES: this op's forms)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -7,6 +7,7 @@ Layout of a checkpoint directory::
     ckpt/step-00000300/optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
     ckpt/step-00000300/rng.safetensors        torch CPU (and CUDA) generator states
     ckpt/step-00000300/trainer.json           step, schedule, optimizer param groups, history, config
+    ckpt/step-00000300/config.json            the model's ModelConfig (HybridLM): the step loads with from_pretrained
 
     ckpt/step-00000300/manifest.json          size and SHA-256 of each file above (written last)
 
@@ -40,6 +41,7 @@ from torch import nn
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
+MODEL_CONFIG = "config.json"  # written beside the weights when the model has a ModelConfig (optional)
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
@@ -155,7 +157,13 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer
     for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         _fsync_file(tmp / f)
     _write_json(tmp / "trainer.json", {"step": step, "optimizer": opt_meta, **state})
-    _write_json(tmp / MANIFEST, {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES})
+    files = list(FILES)
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_json"):  # a HybridLM: the step directory also loads with from_pretrained
+        (tmp / MODEL_CONFIG).write_text(config.to_json() + "\n")
+        _fsync_file(tmp / MODEL_CONFIG)
+        files.append(MODEL_CONFIG)
+    _write_json(tmp / MANIFEST, {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files})
     _fsync_dir(tmp)
     final = directory / name
     if final.exists():
@@ -187,7 +195,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: {MANIFEST} is missing or unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(manifest, dict) or set(manifest) != set(FILES):
+    if not isinstance(manifest, dict) or not set(FILES) <= set(manifest) <= {*FILES, MODEL_CONFIG}:
         raise CheckpointError(f"{path}: {MANIFEST} does not list the files {FILES}")
     for name, entry in manifest.items():
         f = path / name
