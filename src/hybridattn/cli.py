@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hybridattn",
         description="Attention mechanisms and hybrid (linear + softmax) transformers: run, compare, measure.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"), COMMANDS, run_key="_run")
     return parser
 
@@ -50,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
+        if args.debug:
+            raise
+        # the library's errors name the argument, expected and received: that line is the message
+        print(f"hybridattn {args.command}: error: {err}\n(hybridattn --debug {args.command} ... shows the "
+              f"traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -99,3 +99,14 @@ def test_stop_tokens_from_generation_config(tmp_path):
     assert stop_tokens(tmp_path, model) == []
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 7]}))
     assert stop_tokens(tmp_path, model) == [3, 7]
+
+
+def test_cli_errors_are_one_line_with_a_hint_not_a_traceback(tmp_path, capsys):
+    from hybridattn.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--tokenizer", "bytes"]) == 2
+    err = capsys.readouterr().err
+    assert "hybridattn generate: error: directory: expected config.json" in err and "Traceback" not in err
+    assert "--debug" in err
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--tokenizer", "bytes"])
