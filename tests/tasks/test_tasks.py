@@ -148,3 +148,16 @@ def test_text_split_is_deterministic_and_held_out(tmp_path):
 def test_registry_rejects_unknown_task():
     with pytest.raises(ValueError, match="task"):
         build_task("nope")
+
+
+def test_a_text_directory_of_few_files_splits_by_bytes(tmp_path):
+    import zlib
+
+    from hybridattn.tasks.text import load_corpus
+
+    names = [n for n in (f"f{i}.txt" for i in range(40)) if zlib.crc32(n.encode()) % 10][:2]  # no file held out
+    for name in names:
+        (tmp_path / name).write_text(f"{name} " * 200)
+    train, held = load_corpus(str(tmp_path))
+    total = sum(len((tmp_path / n).read_bytes()) for n in names)
+    assert len(held) == total // 10 and len(train) == total - total // 10

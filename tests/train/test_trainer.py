@@ -148,3 +148,11 @@ def test_stop_accuracy_ends_the_run_at_the_first_evaluation_that_reaches_it():
         TrainConfig(stop_accuracy=0.9)
     with pytest.raises(ValueError, match=r"stop_accuracy: expected None or a float in \(0, 1\]"):
         TrainConfig(stop_accuracy=1.5, eval_every=5)
+
+
+def test_a_task_vocabulary_larger_than_the_model_s_is_one_clear_error():
+    from hybridattn.models import HybridLM, ModelConfig
+
+    model = HybridLM(ModelConfig.preset("gpt-tiny", vocab_size=64, num_layers=1, d_model=32))
+    with pytest.raises(ValueError, match="task: its vocabulary has 128 tokens but the model's has 64"):
+        Trainer(model, MQAR(vocab_size=128, seq_len=32, num_kv_pairs=4), TrainConfig(steps=2, progress=False))

@@ -5,7 +5,8 @@ through ``sysconfig.get_paths()["stdlib"]`` (``site-packages`` excluded, since i
 Files are taken in sorted order of their path relative to the root, and a file belongs to the held-out
 split when ``crc32(relative path) % 10 == 0`` — a choice that does not depend on the file list, so adding a
 file never moves another between splits. ``data=PATH`` uses a user's text: every file under a directory,
-split the same way, or a single file whose last 10% is held out. Each split is capped at ``max_bytes``
+split the same way (a directory of so few files that one split would stay empty has its bytes split instead,
+the last 10% held out), or a single file whose last 10% is held out. Each split is capped at ``max_bytes``
 (held-out at a tenth of it), filled in file order.
 
 Every position is scored (next byte). Training windows start at random offsets of the training bytes;
@@ -79,6 +80,11 @@ def load_corpus(data: str | None = None, max_bytes: int = 4_000_000) -> tuple[by
         is_held = [zlib.crc32(p.relative_to(root).as_posix().encode()) % HELD_OUT_EVERY == 0 for p in files]
         train = _concat([p for p, h in zip(files, is_held) if not h], max_bytes)
         held = _concat([p for p, h in zip(files, is_held) if h], max_bytes // HELD_OUT_EVERY)
+        if files and (not train or not held):
+            # too few files for the path-hash split to put some in each: split their bytes like one file's
+            raw = _concat(files, max_bytes + max_bytes // HELD_OUT_EVERY)
+            cut = len(raw) - len(raw) // HELD_OUT_EVERY
+            train, held = raw[:cut][:max_bytes], raw[cut:][: max_bytes // HELD_OUT_EVERY]
     if not train or not held:
         raise ValueError(f"data: expected text in both splits, received {len(train)} training and "
                          f"{len(held)} held-out bytes from {str(root)!r}")

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 -m hybridattn.train --task text --preset gpt-tiny --checkpoint-dir ckpt
 
 A run with ``--checkpoint-dir`` resumes from the latest checkpoint there. The final model is saved with
-``save_pretrained`` into ``<checkpoint-dir>/final`` (or ``--save``).
+``save_pretrained`` into ``<checkpoint-dir>/final`` (or ``--save``), and ``hybridattn generate --model
+<checkpoint-dir>`` loads it. The run ends with a one-line summary and a JSON line.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def _value(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridattn.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hybridattn.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="mqar", help="a registered task (mqar, copying, ..., text)")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                         help="task option (JSON value), e.g. num_kv_pairs=32; repeatable")
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hybridattn.models import HybridLM, ModelConfig
     from hybridattn.tasks import build_task
+    from hybridattn.tasks.text import bits_per_byte
     from hybridattn.train import TrainConfig, Trainer, init_distributed
     from hybridattn.train.distributed import shutdown
 
@@ -64,10 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     result = Trainer(model, task, train, checkpoint_dir=args.checkpoint_dir, dist=info,
                      allow_changed=tuple(args.allow_changed)).fit()
     if info.is_main:
-        print(json.dumps({"final": result.final, "tokens_per_s": result.tokens_per_s}))
         save = args.save or (f"{args.checkpoint_dir}/final" if args.checkpoint_dir else None)
         if save:
             model.save_pretrained(save)
+        final = result.final
+        quality = (f"{bits_per_byte(final['loss']):.3f} bits per byte" if task.name == "text"
+                   else f"accuracy {final['accuracy']:.3f}")
+        print(f"trained {train.steps} steps: held-out loss {final['loss']:.3f} nats, {quality}, "
+              f"{result.tokens_per_s:,.0f} tokens/s; " + (f"model saved to {save} (hybridattn generate --model "
+                                                           f"{save})" if save else "model not saved (no --save)"))
+        print(json.dumps({"final": final, "tokens_per_s": result.tokens_per_s, "saved": save}))
     shutdown(info)
     return 0
 

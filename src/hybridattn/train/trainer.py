@@ -170,6 +170,10 @@ class Trainer:
                  allow_changed: tuple[str, ...] = ()):
         if config.checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_dir: expected a directory when checkpoint_every > 0, received None")
+        model_vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", None)
+        if isinstance(model_vocab, int) and model_vocab < task.vocab_size:
+            raise ValueError(f"task: its vocabulary has {task.vocab_size} tokens but the model's has {model_vocab}; "
+                             f"build the model with vocab_size={task.vocab_size} (or >=)")
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(allow_changed) - fields)
         if unknown:
