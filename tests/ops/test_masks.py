@@ -128,7 +128,7 @@ def test_causal_kept_pairs_closed_form():
         (lambda: masks.document([1, 4]), ValueError, "cu_seqlens: expected to start at 0"),
         (lambda: masks.document([0, 3, 2]), ValueError, "cu_seqlens: expected non-decreasing"),
         (lambda: masks.prefix_lm(-1), ValueError, "n: expected an int >= 0"),
-        (lambda: masks.as_mask_spec(torch.ones(2, 2, dtype=torch.bool)), ValueError, "mask: expected 4 dimensions"),
+        (lambda: masks.as_mask_spec(torch.ones(2, dtype=torch.bool)), ValueError, "mask: expected 2 to 4 dimensions"),
         (lambda: masks.as_mask_spec([1, 0]), TypeError, "mask: expected a MaskSpec"),
         (lambda: masks.padding([3]).dense(2, 2), ValueError, "lengths: expected values in"),
     ],

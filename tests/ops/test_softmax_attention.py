@@ -255,7 +255,7 @@ def test_auto_policy():
         (dict(q=torch.ones(2, 5, 4, 8, dtype=torch.long)), TypeError, "q: expected a floating-point"),
         (dict(mask=torch.ones(2, 4, 5, 5)), TypeError, "mask: expected a torch.bool"),
         (dict(mask=torch.ones(2, 4, 3, 5, dtype=torch.bool)), ValueError, "mask: expected the last two"),
-        (dict(mask=torch.ones(5, 5, dtype=torch.bool)), ValueError, "mask: expected 4 dimensions"),
+        (dict(mask=torch.ones(5, dtype=torch.bool)), ValueError, "mask: expected 2 to 4 dimensions"),
         (dict(mask=masks.padding([5, 5, 5])), ValueError, "mask: expected batch size 2"),
         (dict(mask=masks.padding([5, 9])), ValueError, "lengths: expected values in"),
         (dict(mask=masks.document([0, 2, 4])), ValueError, "cu_seqlens: expected"),
@@ -397,3 +397,16 @@ def test_flex_keeps_compiling_past_dynamos_default_recompile_limit():
             ref = softmax_attention(q.double(), k.double(), v.double(), backend="naive",
                                     mask=masks.prefix_lm(n) & masks.padding([16 - n]))
             assert rel_err(o, ref) <= TOL
+
+
+def test_masks_and_biases_of_fewer_dimensions_broadcast_as_in_pytorch():
+    q = torch.randn(2, 5, 2, 8, dtype=torch.float64)
+    bias = torch.randn(2, 5, 5, dtype=torch.float64)                     # [H, Tq, Tk]
+    keep = torch.rand(5, 5) > 0.3                                        # [Tq, Tk]
+    keep[:, 0] = True
+    want = softmax_attention(q, q, q, bias=bias[None], mask=keep[None, None], backend="naive")
+    for backend in ("naive", "sdpa", "tiled", "auto"):
+        torch.testing.assert_close(softmax_attention(q, q, q, bias=bias, mask=keep, backend=backend), want,
+                                   rtol=1e-12, atol=1e-12)  # float64 backends vs the float64 reference
+    with pytest.raises(ValueError, match="bias: expected 2 to 4 dimensions"):
+        softmax_attention(q, q, q, bias=torch.randn(5))

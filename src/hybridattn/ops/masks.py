@@ -262,16 +262,16 @@ class _Combined(MaskSpec):
 
 
 class TensorMask(MaskSpec):
-    """A user's boolean tensor broadcastable to ``[B, H, Tq, Tk]`` wrapped as a spec."""
+    """A user's boolean tensor broadcastable to ``[B, H, Tq, Tk]`` (2 to 4 dimensions) wrapped as a spec."""
 
     def __init__(self, mask: torch.Tensor):
         check_tensor("mask", mask, floating=False)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a torch.bool tensor (True = attend), received {mask.dtype}")
-        if mask.dim() != 4:
-            raise ValueError(
-                f"mask: expected 4 dimensions broadcastable to [B, H, Tq, Tk], received shape {tuple(mask.shape)}"
-            )
+        if not 2 <= mask.dim() <= 4:
+            raise ValueError(f"mask: expected 2 to 4 dimensions broadcastable to [B, H, Tq, Tk], received shape "
+                             f"{tuple(mask.shape)}")
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # missing leading dims broadcast
         self.mask = mask
         self.batch_size = mask.shape[0] if mask.shape[0] != 1 else None
         self.num_heads = mask.shape[1] if mask.shape[1] != 1 else None
@@ -367,7 +367,8 @@ class Padding(MaskSpec):
 
 class Document(MaskSpec):
     """Packed sequences (``cu_seqlens`` as in flash-attn): tokens attend only within their own document.
-    Requires ``Tq == Tk == cu_seqlens[-1]``."""
+    Requires ``Tq == Tk == cu_seqlens[-1]``; with several batch rows every row has these same boundaries (pass
+    rows of other layouts as separate calls, or one packed row of B = 1 as flash-attn does)."""
 
     def __init__(self, cu_seqlens):
         if not isinstance(cu_seqlens, torch.Tensor):

@@ -50,10 +50,15 @@ class ScoreBias:
 
 
 class TensorBias(ScoreBias):
-    """A user's float tensor with 4 dimensions broadcastable to ``[B, H, Tq, Tk]``."""
+    """A user's float tensor broadcastable to ``[B, H, Tq, Tk]`` (2 to 4 dimensions; missing leading ones are 1,
+    as in PyTorch broadcasting: ``[H, Tq, Tk]``, ``[Tq, Tk]``)."""
 
     def __init__(self, bias: torch.Tensor):
-        check_tensor("bias", bias, ndim=4)
+        check_tensor("bias", bias)
+        if not 2 <= bias.dim() <= 4:
+            raise ValueError(f"bias: expected 2 to 4 dimensions broadcastable to [B, H, Tq, Tk], received shape "
+                             f"{tuple(bias.shape)}")
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         self.bias = bias
         self.batch_size = bias.shape[0] if bias.shape[0] != 1 else None
         self.num_heads = bias.shape[1] if bias.shape[1] != 1 else None

@@ -215,9 +215,10 @@ def softmax_attention(q, k, v, *, causal: bool = False, mask=None, bias=None, sc
         causal: query ``i`` sees keys ``j <= i + Tk - Tq`` (bottom-right aligned as in flash-attn); combined with
             ``mask`` by AND.
         mask: a ``MaskSpec`` from ``hybridattn.ops.masks`` (``causal()``, ``padding(lengths)``,
-            ``document(cu_seqlens)``, ``prefix_lm(n)``, combined with ``&`` / ``|``) or a bool tensor with 4
+            ``document(cu_seqlens)``, ``prefix_lm(n)``, combined with ``&`` / ``|``) or a bool tensor of 2 to 4
             dimensions broadcastable to ``[B, Hq, Tq, Tk]`` (True = attend).
-        bias: additive logits, a ``ScoreBias`` (e.g. ALiBi) or a float tensor broadcastable to ``[B, Hq, Tq, Tk]``.
+        bias: additive logits, a ``ScoreBias`` (e.g. ALiBi) or a float tensor of 2 to 4 dimensions broadcastable
+            to ``[B, Hq, Tq, Tk]``.
         scale: logit scale; default ``1 / sqrt(D)``.
         softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before the bias (Gemma 2).
         backend: ``"auto"``, ``"naive"``, ``"sdpa"``, ``"tiled"`` or ``"flex"``.

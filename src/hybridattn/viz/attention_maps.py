@@ -68,7 +68,7 @@ def attention_maps(model, input_ids: torch.Tensor) -> list[dict]:
 
     Args:
         model: a ``HybridLM``.
-        input_ids: ``[1, T]`` token ids.
+        input_ids: ``[1, T]`` token ids (or ``[T]``, or a list of ids).
 
     Returns:
         One dict per layer, in order: ``layer``, ``mixer`` (its registry name), ``kind`` ("softmax" or
@@ -77,6 +77,12 @@ def attention_maps(model, input_ids: torch.Tensor) -> list[dict]:
     Raises:
         ValueError: ``input_ids`` is not a single sequence.
     """
+    if isinstance(input_ids, (list, tuple)):  # a plain list of ids is one sequence
+        input_ids = torch.tensor([list(input_ids)], dtype=torch.long)
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a tensor [1, T] or a list of ids, received {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids: expected shape [1, T], received {tuple(input_ids.shape)}")
     records: list[dict] = []
