@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from hybridattn.ops._checks import check_positive_int
+from hybridattn._tables import print_table  # noqa: F401 (re-exported: the benchmarks print with it)
 
 __all__ = [
     "TargetRow",
@@ -228,20 +229,6 @@ def _console(console):
     from rich.console import Console
 
     return Console()
-
-
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], *, console=None) -> None:
-    """Print a rich table; cells are converted with ``str``."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        if len(row) != len(columns):
-            raise ValueError(f"rows: expected {len(columns)} cells per row, received {len(row)}")
-        table.add_row(*(str(c) for c in row))
-    _console(console).print(table)
 
 
 def print_targets(title: str, rows: Sequence[TargetRow], *, console=None) -> bool:

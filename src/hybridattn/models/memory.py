@@ -180,36 +180,29 @@ def format_bytes(n: int) -> str:
 
 
 def print_plan(p: MemoryPlan, *, title: str = "", console=None) -> None:
-    """Print the plan as rich tables: per layer kind, totals vs the softmax-only model, attention matrices."""
-    from rich.console import Console
-    from rich.table import Table
+    """Print the plan as tables (one record per row where a table would not fit the terminal): per layer kind,
+    totals vs the softmax-only model, attention matrices."""
+    from hybridattn._tables import print_table
 
-    console = console or Console()
     dt = str(p.dtype).replace("torch.", "")
-    t = Table(title=f"{title} memory at context {p.context:,}, batch {p.batch}, {dt}".strip())
-    for col in ("layer kind", "layers", "params", "KV cache", "recurrent state", "conv tail", "bookkeeping",
-                "cache total"):
-        t.add_column(col, justify="left" if col == "layer kind" else "right")
-    for k in p.kinds:
-        t.add_row(k.mixer, str(k.layers), f"{k.params:,}", format_bytes(k.kv_bytes), format_bytes(k.state_bytes),
-                  format_bytes(k.conv_bytes), format_bytes(k.other_bytes), format_bytes(k.cache_bytes))
-    t.add_row("total (+ embeddings)", str(sum(k.layers for k in p.kinds)), f"{p.params:,}",
-              *(format_bytes(sum(getattr(k, a) for k in p.kinds))
-                for a in ("kv_bytes", "state_bytes", "conv_bytes", "other_bytes", "cache_bytes")), style="bold")
-    console.print(t)
+    rows = [(k.mixer, k.layers, f"{k.params:,}", format_bytes(k.kv_bytes), format_bytes(k.state_bytes),
+             format_bytes(k.conv_bytes), format_bytes(k.other_bytes), format_bytes(k.cache_bytes)) for k in p.kinds]
+    rows.append(("total (+ embeddings)", sum(k.layers for k in p.kinds), f"{p.params:,}",
+                 *(format_bytes(sum(getattr(k, a) for k in p.kinds))
+                   for a in ("kv_bytes", "state_bytes", "conv_bytes", "other_bytes", "cache_bytes"))))
+    print_table(f"{title} memory at context {p.context:,}, batch {p.batch}, {dt}".strip(),
+                ("layer kind", "layers", "params", "KV cache", "recurrent state", "conv tail", "bookkeeping",
+                 "cache total"), rows, console=console)
     if p.softmax_only is not None:
         s = p.softmax_only
-        c = Table(title="vs the same model with softmax attention in every layer")
-        for col in ("model", "params", "weights", "cache", "cache vs softmax-only"):
-            c.add_column(col, justify="left" if col == "model" else "right")
-        c.add_row("this model", f"{p.params:,}", format_bytes(p.param_bytes), format_bytes(p.cache_bytes),
-                  f"{p.cache_bytes / s.cache_bytes:.3f}x")
-        c.add_row("softmax only", f"{s.params:,}", format_bytes(s.param_bytes), format_bytes(s.cache_bytes), "1.000x")
-        console.print(c)
-    a = Table(title="attention-matrix memory of one softmax layer (B x H x T x T scores, materialised)")
-    for col in ("T", "one layer", "softmax layers of this model", "this model's whole cache at T"):
-        a.add_column(col, justify="right")
+        print_table("vs the same model with softmax attention in every layer",
+                    ("model", "params", "weights", "cache", "cache vs softmax-only"),
+                    [("this model", f"{p.params:,}", format_bytes(p.param_bytes), format_bytes(p.cache_bytes),
+                      f"{p.cache_bytes / s.cache_bytes:.3f}x"),
+                     ("softmax only", f"{s.params:,}", format_bytes(s.param_bytes), format_bytes(s.cache_bytes),
+                      "1.000x")], console=console)
     n_soft = sum(k.layers for k in p.kinds if k.kv_bytes)
-    for ctx, nbytes in p.attention_matrix.items():
-        a.add_row(f"{ctx:,}", format_bytes(nbytes), format_bytes(nbytes * n_soft), format_bytes(p.cache_at[ctx]))
-    console.print(a)
+    print_table("attention-matrix memory of one softmax layer (B x H x T x T scores, materialised)",
+                ("T", "one layer", "softmax layers of this model", "this model's whole cache at T"),
+                [(f"{ctx:,}", format_bytes(nbytes), format_bytes(nbytes * n_soft), format_bytes(p.cache_at[ctx]))
+                 for ctx, nbytes in p.attention_matrix.items()], console=console)
