@@ -180,6 +180,12 @@ def run_arena(config: ArenaConfig, out_dir, *, progress: bool = True, log=print)
                                  "train": config.train, "device": str(device), "save": save,
                                  "threads": threads // jobs_n if jobs_n > 1 else 0,
                                  "progress": progress and jobs_n == 1})
+    estimate = estimate_seconds(config, device=device, threads=threads // jobs_n if jobs_n > 1 else threads)
+    steps = config.train.get("steps", TrainConfig.steps)
+    log(f"[arena] {len(jobs)} runs ({len(config.tasks)} tasks x {len(config.models)} models x {len(config.widths)} "
+        f"widths x {config.seeds} seeds), up to {steps:,} steps each, {jobs_n} at a time: at most about "
+        f"{f'{estimate:.0f} s' if estimate < 120 else f'{estimate / 60:.0f} min'} of training from a few timed steps"
+        f"{' (runs that reach stop_accuracy end sooner)' if config.train.get('stop_accuracy') else ''}")
     started = time.perf_counter()
     runs = _run_jobs(jobs, jobs_n, progress=progress, log=log)
     train_wall = time.perf_counter() - started
@@ -210,6 +216,32 @@ def run_arena(config: ArenaConfig, out_dir, *, progress: bool = True, log=print)
         results["capacity"] = capacity_curves()
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
     return results
+
+
+def estimate_seconds(config: ArenaConfig, *, device, threads: int, timed_steps: int = 3) -> float:
+    """Wall seconds the sweep's training takes at most: a few timed steps of each (task, model) at the first width,
+    times the step budget and the seeds, over the jobs running at once."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    total = 0.0
+    try:
+        for task_spec in config.tasks:
+            task = build_task(task_spec["name"], **{k: v for k, v in task_spec.items() if k != "name"})
+            for spec in config.models:
+                torch.manual_seed(0)
+                model = build_model(spec, base=config.model, width=config.widths[0], vocab_size=task.vocab_size)
+                train = {k: v for k, v in config.train.items() if k not in ("stop_accuracy", "eval_every")}
+                trainer = Trainer(model.to(device), task, TrainConfig(**{**train, "progress": False}))
+                trainer.train_step()  # warm-up: first-call allocations and kernel loads
+                start = time.perf_counter()
+                for _ in range(timed_steps):
+                    trainer.train_step()
+                per_step = (time.perf_counter() - start) / timed_steps
+                total += per_step * trainer.config.steps * config.seeds * len(config.widths)
+    finally:
+        torch.set_num_threads(torch_threads)
+    jobs = 1 if default_device(config.device).type != "cpu" else max(1, min(config.jobs, config.total_runs()))
+    return total / jobs
 
 
 def _run_jobs(jobs: list[dict], workers: int, *, progress: bool, log) -> list[dict]:
