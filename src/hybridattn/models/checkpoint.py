@@ -124,6 +124,8 @@ def _is_format_file(name: str) -> bool:
 def replace_directory(directory, write: Callable[[Path], None]) -> None:
     """Write a new ``directory`` with ``write(tmp)`` and swap it in as one unit (see the module docstring)."""
     directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"directory: expected a directory (or a new path), received the file {directory}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
