@@ -1,7 +1,8 @@
 """Train a ``HybridLM`` preset on a task, on one process or data-parallel under ``torchrun``::
 
     python -m hybridattn.train --task mqar --task-option num_kv_pairs=32 --preset qwen3-next-tiny --steps 500
-    torchrun --nproc_per_node=2 -m hybridattn.train --task text --preset gpt-tiny --checkpoint-dir ckpt
+    torchrun --nproc_per_node=2 -m hybridattn.train --task text --preset gpt-tiny --checkpoint-dir runs/text
+    hybridattn generate --model runs/text --prompt "def " --tokenizer bytes
 
 A run with ``--checkpoint-dir`` resumes from the latest checkpoint there. The final model is saved with
 ``save_pretrained`` into ``<checkpoint-dir>/final`` (or ``--save``), and ``hybridattn generate --model
