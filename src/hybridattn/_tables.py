@@ -11,10 +11,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
     from rich.measure import Measurement
     from rich.table import Table
 
-    if console is None:
-        from rich.console import Console
-
-        console = Console()
+    console = _console(console)
     table = Table(title=title)
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
@@ -30,3 +27,12 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
         console.print(f"  {row[0]}")
         for col, cell in zip(columns[1:], row[1:]):
             console.print(f"      {col}: {cell}")
+
+
+def _console(console):
+    """``console``, or a new rich Console (the tests substitute this to fix the width)."""
+    if console is not None:
+        return console
+    from rich.console import Console
+
+    return Console()

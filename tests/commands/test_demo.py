@@ -13,7 +13,7 @@ def run_demo(capsys, *argv):
 
 
 def test_demo_measures_dense_and_tiled(capsys, monkeypatch):
-    monkeypatch.setattr("hybridattn.bench.measure._console", lambda c: Console(width=300))
+    monkeypatch.setattr("hybridattn._tables._console", lambda c: c or Console(width=300))
     out = run_demo(capsys, "--lengths", "64", "256", "--repeats", "1", "--max-dense-gib", "1")
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in out.splitlines() if line.startswith("│")}
@@ -25,6 +25,6 @@ def test_demo_measures_dense_and_tiled(capsys, monkeypatch):
 
 
 def test_demo_skips_dense_when_it_would_not_fit(capsys, monkeypatch):
-    monkeypatch.setattr("hybridattn.bench.measure._console", lambda c: Console(width=300))
+    monkeypatch.setattr("hybridattn._tables._console", lambda c: c or Console(width=300))
     out = run_demo(capsys, "--lengths", "128", "--repeats", "1", "--max-dense-gib", "0")
     assert "skipped (would need ~256.0 KiB)" in out  # 4 copies of the 64 KiB matrix

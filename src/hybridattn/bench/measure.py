@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from hybridattn.ops._checks import check_positive_int
-from hybridattn._tables import print_table  # noqa: F401 (re-exported: the benchmarks print with it)
+from hybridattn._tables import _console, print_table  # noqa: F401 (re-exported: the benchmarks print with them)
 
 __all__ = [
     "TargetRow",
@@ -221,14 +221,6 @@ class TargetRow:
     @property
     def passed(self) -> bool:
         return self.ratio >= self.threshold if self.higher_is_better else self.ratio <= self.threshold
-
-
-def _console(console):
-    if console is not None:
-        return console
-    from rich.console import Console
-
-    return Console()
 
 
 def print_targets(title: str, rows: Sequence[TargetRow], *, console=None) -> bool:
