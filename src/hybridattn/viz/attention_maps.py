@@ -94,8 +94,11 @@ def attention_maps(model, input_ids: torch.Tensor) -> list[dict]:
     return records
 
 
-def plot_attention_maps(maps: list[dict], path, *, tokens: list[str] | None = None, max_heads: int = 4) -> Path:
-    """One row per layer, one column per head (up to ``max_heads``); returns the PNG path."""
+def plot_attention_maps(maps: list[dict], path, *, tokens: list[str] | None = None, max_heads: int = 4,
+                        title: str | None = None) -> Path:
+    """One row per layer, one column per head (up to ``max_heads``), query on the y axis and key on the x axis,
+    one colour scale per row with its bar (softmax weights and the linear layers' implicit weights, as
+    magnitudes, are comparable within a row); ``title`` on top (e.g. the model's prediction). Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,24 +106,37 @@ def plot_attention_maps(maps: list[dict], path, *, tokens: list[str] | None = No
 
     heads = min(max_heads, max(m["weights"].shape[0] for m in maps))
     t = maps[0]["weights"].shape[-1]
-    fig, axes = plt.subplots(len(maps), heads, figsize=(2.6 * heads, 2.5 * len(maps)), squeeze=False)
-    for row, m in zip(axes, maps):
+    labelled = tokens is not None and t <= 48
+    size = 3.2 if labelled else 2.6
+    fig, axes = plt.subplots(len(maps), heads, figsize=(size * heads + 1.0, size * len(maps) + 0.6), squeeze=False)
+    fig.subplots_adjust(hspace=0.35)  # before the colour bars: they take their room from the adjusted axes
+    for r, (row, m) in enumerate(zip(axes, maps)):
+        shown = m["weights"][:heads].abs()  # implicit linear weights can be negative (delta-rule corrections)
+        vmax = float(shown.max()) or 1.0
+        image = None
         for h, ax in enumerate(row):
-            ax.set_xticks([])
-            ax.set_yticks([])
             if h >= m["weights"].shape[0]:
                 ax.axis("off")
                 continue
-            w = m["weights"][h]
-            # implicit linear weights can be negative (delta-rule corrections): show magnitudes, scaled per head
-            ax.imshow(w.abs().numpy(), cmap="viridis" if m["kind"] == "softmax" else "magma", aspect="auto")
-            ax.set_title(f"L{m['layer']} {m['mixer']} h{h}\n{m['kind']}", fontsize=7)
-            if tokens is not None and t <= 48:
-                ax.set_xticks(range(t), tokens, fontsize=5, rotation=90)
-                ax.set_yticks(range(t), tokens, fontsize=5)
-    fig.tight_layout()
+            image = ax.imshow(shown[h].numpy(), cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+            ax.set_title(f"layer {m['layer']} {m['mixer']}, head {h}", fontsize=8)
+            if r == len(maps) - 1:
+                ax.set_xlabel("key (attended token)", fontsize=8)
+            if h == 0:
+                ax.set_ylabel("query (current token)", fontsize=8)
+            if labelled:
+                ax.set_xticks(range(t), tokens, fontsize=7, rotation=90)
+                ax.set_yticks(range(t), tokens, fontsize=7)
+            else:
+                ax.tick_params(labelsize=7)
+        if image is not None:
+            bar = fig.colorbar(image, ax=list(row), shrink=0.85, pad=0.02)
+            bar.ax.tick_params(labelsize=7)
+            bar.set_label(f"{m['kind']}: " + ("|weight|" if m["kind"] != "softmax" else "weight"), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10, y=0.93)
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -161,6 +177,10 @@ def run(args) -> int:
         ids = torch.tensor([[int(x) for x in args.ids.split()]])
         tokens = [str(x) for x in ids[0].tolist()]
     maps = attention_maps(model, ids)
-    path = plot_attention_maps(maps, args.out, tokens=tokens, max_heads=args.max_heads)
+    with torch.no_grad():
+        predicted = int(model(ids, logits_at=torch.tensor([-1]))[0, -1].argmax())
+    shown = chr(predicted) if args.text is not None and 32 <= predicted < 127 else str(predicted)
+    title = f"{Path(args.checkpoint).name}: after '{tokens[-1]}' the model predicts '{shown}'"
+    path = plot_attention_maps(maps, args.out, tokens=tokens, max_heads=args.max_heads, title=title)
     print(f"wrote {path}: {len(maps)} layers ({', '.join(m['kind'] for m in maps)})")
     return 0
