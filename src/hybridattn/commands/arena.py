@@ -13,7 +13,7 @@ HELP = "train softmax, linear and hybrid models on the same tasks and compare re
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quick", choices=("smoke", "quick", "text", "full"),
                         help="smoke: seconds (tests); quick: MQAR, softmax vs large- and small-state gated DeltaNet "
-                             "vs 3:1, 3 seeds (~13 min on 2 CPU cores); text: byte-level learning curves; full: "
+                             "vs 3:1, 3 seeds (~16 min on 2 CPU cores); text: byte-level learning curves (~30 min); full: "
                              "sweep over mechanisms and state sizes")
     parser.add_argument("--config", metavar="FILE.toml", help="a TOML sweep (keys of ArenaConfig); overrides --preset")
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: arena-<preset>)")
