@@ -85,7 +85,7 @@ def _text() -> ArenaConfig:
                 {"label": "gated_deltanet 3:1", "hybrid": "3:1"}],
         model={"num_layers": 4, "linear_mixer": "gated_deltanet", "attention": {"num_heads": 4},
                "linear": {"num_heads": 2, "head_dim": 32, "v_head_dim": 64}},
-        widths=[128], seeds=2, contexts=[1024, 4096, 16384], repeats=3, threads=2, jobs=2, target_bpb=2.5,
+        widths=[128], seeds=2, contexts=[1024, 4096, 16384], repeats=3, threads=2, jobs=2, target_bpb=1.8,
         train={"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 60, "eval_examples": 64,
                "eval_every": 100},
         notes=("Byte-level language modelling on held-out text, every model with the same budget (1,200 steps x 32 "
