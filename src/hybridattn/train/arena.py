@@ -122,13 +122,18 @@ def _ratio(spec: dict, model) -> str:
     return f"{len(types) - soft}:{soft}"
 
 
+def _task(spec: dict):
+    """The task of a ``{"name": ..., **options}`` table."""
+    return build_task(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+
+
 def _train_one(job: dict) -> dict:
     """One training run (a worker process's unit of work, or called in process): build the task and the model,
     train, evaluate, save the model when asked. Returns the run's record without its inference costs."""
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     task_spec, spec = job["task"], job["spec"]
-    task = build_task(task_spec["name"], **{k: v for k, v in task_spec.items() if k != "name"})
+    task = _task(task_spec)
     torch.manual_seed(job["seed"])
     model = build_model(spec, base=job["base"], width=job["width"], vocab_size=task.vocab_size).to(job["device"])
     train_cfg = TrainConfig(**{**job["train"], "seed": job["seed"], "progress": job["progress"]})
@@ -193,7 +198,7 @@ def run_arena(config: ArenaConfig, out_dir, *, progress: bool = True, log=print)
     for job, record in zip(jobs, runs):
         key = (record["task"], record["model"], record["width"])
         if key not in measured:
-            task = build_task(job["task"]["name"], **{k: v for k, v in job["task"].items() if k != "name"})
+            task = _task(job["task"])
             torch.manual_seed(0)
             model = build_model(job["spec"], base=config.model, width=job["width"], vocab_size=task.vocab_size)
             log(f"[arena] costs: {record['model']} d={record['width']} (contexts up to {max(config.contexts):,})")
@@ -226,7 +231,7 @@ def estimate_seconds(config: ArenaConfig, *, device, threads: int, timed_steps: 
     total = 0.0
     try:
         for task_spec in config.tasks:
-            task = build_task(task_spec["name"], **{k: v for k, v in task_spec.items() if k != "name"})
+            task = _task(task_spec)
             for spec in config.models:
                 torch.manual_seed(0)
                 model = build_model(spec, base=config.model, width=config.widths[0], vocab_size=task.vocab_size)
